@@ -1,0 +1,23 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch, compatible with Hugging Face PEFT."""
+__version__ = "0.1.0"
+
+from peftkit.config import PeftConfig, TaskType  # noqa: E402
+from peftkit.methods.lora import LoraConfig  # noqa: E402
+from peftkit.peft_model import (  # noqa: E402
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from peftkit.registry import get_method, list_methods  # noqa: E402
+
+__all__ = [
+    "PeftConfig", "TaskType", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
+    "get_method", "list_methods",
+]

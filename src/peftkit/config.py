@@ -1,0 +1,147 @@
+"""Configuration shared by every method: the task types, the base config, and its file format.
+
+A method's config is a dataclass that subclasses :class:`PeftConfig`, documents each field once
+(``metadata={"help": ...}``), and validates itself in ``__post_init__``. The same field names are
+used in ``adapter_config.json`` (the Hugging Face PEFT format), YAML files and CLI flags.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; picks the PeftModel subclass (as in HF PEFT)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def check_field(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise a ValueError naming the field, the value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+# Fields that HF PEFT writes for features peftkit does not model. Left at their defaults they mean
+# nothing and are dropped quietly; set to something else they are dropped with a warning.
+FOREIGN_FIELDS = {
+    "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "layer_replication", "runtime_config", "lora_bias",
+    "use_qalora", "qalora_group_size", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "kasa_config",
+    "lora_ga_config", "monteclora_config", "use_bdlora", "velora_config", "peftkit_version",
+}
+FOREIGN_DEFAULTS = (None, False, {}, [], "megatron.core", 16)
+
+
+@dataclass
+class PeftConfig:
+    """Fields every adapter config carries."""
+
+    peft_type: str | None = field(default=None, metadata={"help": "Method identifier in the HF format, e.g. LORA."})
+    task_type: str | None = field(default=None, metadata={"help": "SEQ_CLS, CAUSAL_LM, TOKEN_CLS, SEQ_2_SEQ_LM, QUESTION_ANS or FEATURE_EXTRACTION."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model the adapter was trained on."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
+    inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (loaded for inference)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        allowed = [t.value for t in TaskType]
+        check_field(self.task_type is None or self.task_type in allowed, "task_type", self.task_type,
+                    f"one of {allowed} or None")
+
+    # -- dict / json ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """Build from a dict; keys from a newer version or another library warn instead of failing."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in FOREIGN_FIELDS:
+                if not any(value == d and type(value) is type(d) for d in FOREIGN_DEFAULTS) and value is not None:
+                    if key not in ("auto_mapping", "peft_version", "peftkit_version"):
+                        warnings.warn(f"{cls.__name__}: field {key}={value!r} is not supported by peftkit and is ignored")
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)} "
+                          "(written by a newer version or another library?)")
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from peftkit.io.atomic import atomic_write_text
+
+        data = self.to_dict()
+        for key, value in data.items():
+            if isinstance(value, set):
+                data[key] = sorted(value)
+        atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
+        """Read ``adapter_config.json`` from a folder; on the base class, dispatch on ``peft_type``."""
+        data = read_config_file(path)
+        data.update(overrides)
+        if cls is PeftConfig:
+            from peftkit.registry import get_method_by_peft_type
+            return get_method_by_peft_type(data.get("peft_type")).config_cls.from_dict(data)
+        return cls.from_dict(data)
+
+    def copy(self) -> "PeftConfig":
+        return copy.deepcopy(self)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an adapter config as a dict, with errors that say which file and what is wrong."""
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: pass the folder written by save_pretrained "
+                                "(peftkit never downloads adapters; use a local folder)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+@dataclass
+class TargetingConfig(PeftConfig):
+    """Target selection fields shared by every method that wraps layers."""
+
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Module-name suffixes, a regex matched on full names, or 'all-linear'."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted (same syntax as target_modules)."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Only adapt blocks with these indices."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the block list used with layers_to_transform, e.g. 'layers' or 'h'."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a classifier head)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+        check_field(self.layers_pattern is None or self.layers_to_transform is not None, "layers_pattern",
+                    self.layers_pattern, "to be used together with layers_to_transform")

@@ -1,0 +1,1 @@
+"""The one injection engine every method uses: target matching, wrapping, freezing, merging."""

@@ -1,0 +1,137 @@
+"""What every adapter layer shares: the contract the engine relies on, and merge helpers.
+
+An adapter layer wraps one module of the base model (``base_layer``) and holds any number of named
+adapters. The engine only talks to layers through this small contract:
+
+- ``add_adapter(name, config, key)`` / ``delete_adapter(name)`` / ``adapter_names()``
+- ``adapter_tensors(name)``: the adapter's own tensors keyed as in the HF file format, relative to
+  the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
+- ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true.
+- ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
+  name per row for mixed batches, or None), set by the engine.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # name used in mixed batches for rows that use no adapter
+
+
+class AdapterLayer(nn.Module):
+    """Base for adapter wrappers: state bookkeeping only; the math lives in each method's layer."""
+
+    can_merge = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.batch_adapter_names: list[str] | None = None
+
+    # -- contract every method implements ----------------------------------------------------
+    def add_adapter(self, name: str, config: Any, key: str) -> None:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- shared bookkeeping --------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def unmerged_active(self) -> list[str]:
+        """Active adapters of this layer whose delta is still applied in forward."""
+        own = self.adapter_names()
+        return [n for n in self.active_adapters if n in own and n not in self.merged_adapters]
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+
+def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: str, sign: float = 1.0) -> float:
+    """Add ``sign * delta`` to ``weight`` in float32 and round once; return the rounding error.
+
+    Merging in the weight's own low precision would round twice (delta, then sum); doing the sum in
+    float32 rounds once. The returned value is max |stored - exact| so callers can report it.
+    """
+    exact = weight.detach().float() + sign * delta.float()
+    if safe and not torch.isfinite(exact).all():
+        raise ValueError(f"merging adapter {adapter!r} would put NaN/inf into the weights; "
+                         "the adapter is broken (check its training run), nothing was changed")
+    rounded = exact.to(weight.dtype)
+    weight.data.copy_(rounded)
+    return (rounded.float() - exact).abs().max().item() if exact.numel() else 0.0
+
+
+def rows_by_adapter(names: list[str], batch: int) -> dict[str, torch.Tensor]:
+    """Group row indices by adapter name for a mixed batch (names repeat if rows were expanded)."""
+    if batch != len(names):
+        if batch % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        names = [n for n in names for _ in range(batch // len(names))]
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        groups.setdefault(name, []).append(row)
+    return {name: torch.tensor(rows) for name, rows in groups.items()}
+
+
+class ModulesToSave(AdapterLayer):
+    """A module trained in full per adapter (e.g. a classification head), saved with the adapter.
+
+    The original module stays untouched for the base model; each adapter owns a trainable copy.
+    """
+
+    can_merge = False
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__(original_module)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config: Any, key: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def current(self) -> nn.Module:
+        if self.disabled:
+            return self.base_layer
+        own = [n for n in self.active_adapters if n in self.modules_to_save]
+        return self.modules_to_save[own[0]] if own else self.base_layer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapter_names is None or self.disabled:
+            return self.current()(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():
+            if name in self.modules_to_save:
+                rows = rows.to(x.device)
+                out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs).to(out.dtype)
+        return out
+
+    def merge(self, names: list[str], safe: bool = False) -> float:
+        warnings.warn("modules_to_save copies have nothing to merge; merge_and_unload keeps the active copy")
+        return 0.0
+
+    def unmerge(self) -> None:
+        return None

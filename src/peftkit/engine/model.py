@@ -1,0 +1,286 @@
+"""The injection engine: wraps target modules with a method's adapter layers and manages them.
+
+One ``AdapterModel`` holds the base model (``.model``) and any number of named adapters, each
+with its own config and method. It never names a method: the registry says which wrapper a module
+gets, and layers follow the contract in ``engine/layer.py``.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from peftkit.engine import targets
+from peftkit.engine.layer import BASE, AdapterLayer, ModulesToSave
+from peftkit.registry import method_for_config
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class AdapterModel(nn.Module):
+    """Base model plus named adapters. Keys match HF PEFT's ``LoraModel`` (``model.`` prefix)."""
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, Any] = {}
+        self.active_adapters: list[str] = []
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.last_merge_error = 0.0
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- layers --------------------------------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(name relative to the base model, layer) for every adapter wrapper."""
+        for key, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield key, module
+
+    def add_adapter(self, name: str, config: Any) -> None:
+        """Inject a new adapter; on any error the model is left as it was."""
+        self._check_new_name(name)
+        spec = method_for_config(config)
+        keys = targets.find_targets(self.model, config, skip=self._save_module_keys())
+        for entry in targets.unmatched_entries(config, keys):
+            warnings.warn(f"target_modules entry {entry!r} matched no module; check its spelling")
+        self.peft_config[name] = config
+        try:
+            for key in keys:
+                self._wrap(key, name, config, spec)
+            for key in self._modules_to_save_keys(config):
+                self._wrap_to_save(key, name, config)
+        except Exception:
+            self._remove_traces(name)
+            raise
+        self.refresh_trainable()
+
+    def _check_new_name(self, name: str) -> None:
+        if name in self.peft_config:
+            raise ValueError(f"an adapter named {name!r} already exists; pick another name or delete it first")
+        if not ADAPTER_NAME.match(name) or name == BASE:
+            raise ValueError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' (not {BASE!r})")
+
+    def _wrap(self, key: str, name: str, config: Any, spec: Any) -> None:
+        module = self.model.get_submodule(key)
+        if isinstance(module, AdapterLayer):
+            if spec.wrapper_for(module.base_layer, config) is not type(module):
+                raise ValueError(f"module {key!r} already holds a {type(module).__name__}; "
+                                 f"a {spec.name} adapter cannot share it")
+            layer = module
+        else:
+            wrapper = spec.wrapper_for(module, config)
+            if wrapper is None:
+                raise ValueError(f"module {key!r} is a {type(module).__name__}, which {spec.name} cannot "
+                                 "adapt (supported: Linear, Embedding, Conv1d/2d/3d, GPT-2 Conv1D); "
+                                 "remove it from target_modules")
+            layer = wrapper(module)
+            self.model.set_submodule(key, layer)
+        layer.add_adapter(name, config, key)
+        self._place(layer, name)
+
+    def _place(self, layer: AdapterLayer, name: str) -> None:
+        """Adapters stay fp32 over a half-precision base unless autocast_adapter_dtype is off."""
+        base = getattr(layer.base_layer, "weight", None)
+        if base is None or not base.is_floating_point() or self.autocast_adapter_dtype:
+            return
+        for tensor in layer.adapter_tensors(name).values():
+            tensor.data = tensor.data.to(base.dtype)
+
+    def _modules_to_save_keys(self, config: Any) -> list[str]:
+        names = getattr(config, "modules_to_save", None) or []
+        keys = [k for k, _ in self.model.named_modules() if k and targets.name_matches(k, names)]
+        keys = [k for k in keys if not any(k.startswith(o + ".") for o in keys)]  # outermost only
+        missing = [n for n in names if not any(k == n or k.endswith("." + n) for k in keys)]
+        if missing:
+            raise ValueError(f"modules_to_save entries {missing} matched no module. "
+                             f"{targets.describe_modules(self.model)}")
+        clash = [k for k in keys if isinstance(self.model.get_submodule(k), AdapterLayer)
+                 and not isinstance(self.model.get_submodule(k), ModulesToSave)]
+        if clash:
+            raise ValueError(f"modules {clash} are both adapted and in modules_to_save; pick one")
+        return keys
+
+    def _wrap_to_save(self, key: str, name: str, config: Any) -> None:
+        module = self.model.get_submodule(key)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            self.model.set_submodule(key, module)
+        module.add_adapter(name, config, key)
+
+    def _save_module_keys(self) -> list[str]:
+        return [k for k, layer in self.adapter_layers() if isinstance(layer, ModulesToSave)]
+
+    def _remove_traces(self, name: str) -> None:
+        for _, layer in list(self.adapter_layers()):
+            if name in layer.adapter_names():
+                layer.delete_adapter(name)
+        self._drop_empty_wrappers()
+        self.peft_config.pop(name, None)
+
+    def _drop_empty_wrappers(self) -> None:
+        for key, layer in list(self.adapter_layers()):
+            if not layer.adapter_names():
+                self.model.set_submodule(key, layer.base_layer)
+
+    # -- switching, deleting, disabling --------------------------------------------------------
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make these adapters the active ones (several may be active at once)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; existing: {sorted(self.peft_config)}")
+        self.active_adapters = names
+        for _, layer in self.adapter_layers():
+            layer.active_adapters = list(names)
+        self.refresh_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; existing: {sorted(self.peft_config)}")
+        merged = [k for k, layer in self.adapter_layers() if name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {name!r} is merged into {len(merged)} layers (e.g. {merged[0]!r}); "
+                             "call unmerge_adapter() before deleting it")
+        self._remove_traces(name)
+        remaining = [n for n in self.active_adapters if n != name] or list(self.peft_config)[:1]
+        self.active_adapters = []
+        if remaining:
+            self.set_adapter(remaining)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the exact base model inside; merged adapters are unmerged and merged back after."""
+        merged = {key: list(layer.merged_adapters) for key, layer in self.adapter_layers() if layer.merged}
+        self.unmerge_adapter()
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+            for key, names in merged.items():
+                self.model.get_submodule(key).merge(names)
+
+    def _set_disabled(self, flag: bool) -> None:
+        for _, layer in self.adapter_layers():
+            layer.disabled = flag
+
+    @contextmanager
+    def batch_adapters(self, names: list[str]) -> Iterator[None]:
+        """Mixed batch: row i uses adapter names[i] ("__base__" for none)."""
+        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; existing: "
+                             f"{sorted(self.peft_config)} or {BASE!r} for the base model")
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.batch_adapter_names = list(names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_adapter_names = None
+
+    # -- trainability --------------------------------------------------------------------------
+    def refresh_trainable(self) -> None:
+        """Only active adapters not in inference mode train; the base stays frozen (bias modes aside)."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for _, layer in self.adapter_layers():
+            for name in layer.adapter_names():
+                train = name in self.active_adapters and not self.peft_config[name].inference_mode
+                for tensor in layer.adapter_tensors(name).values():
+                    tensor.requires_grad_(train)
+        for param in self.bias_parameters().values():
+            param.requires_grad_(True)
+
+    def bias_parameters(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        """Base biases that train with the adapter (``bias`` = "all" or "lora_only")."""
+        names = [name] if name else [n for n in self.active_adapters if not self.peft_config[n].inference_mode]
+        found: dict[str, nn.Parameter] = {}
+        for adapter in names:
+            mode = getattr(self.peft_config[adapter], "bias", "none")
+            if mode == "all":
+                found.update({k: p for k, p in self.model.named_parameters() if k.split(".")[-1] == "bias"
+                              and ".modules_to_save." not in f".{k}"})
+            elif mode == "lora_only":
+                for key, layer in self.adapter_layers():
+                    bias = getattr(layer.base_layer, "bias", None)
+                    if isinstance(bias, nn.Parameter) and adapter in layer.adapter_names() and not isinstance(layer, ModulesToSave):
+                        found[f"{key}.base_layer.bias"] = bias
+        return found
+
+    # -- merging -------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights (float32 arithmetic, one rounding)."""
+        names = adapter_names or list(self.active_adapters)
+        layers = [layer for _, layer in self.adapter_layers() if layer.can_merge]
+        todo = [l for l in layers if any(n in l.adapter_names() and n not in l.merged_adapters for n in names)]
+        if not todo:
+            warnings.warn(f"adapters {names} are already merged; nothing to do")
+            return
+        if safe_merge:
+            self._check_finite(todo, names)
+        self.last_merge_error = max(layer.merge(names, safe_merge) for layer in todo)
+
+    def _check_finite(self, layers: list[AdapterLayer], names: list[str]) -> None:
+        """Check every layer before touching any weight, so a failed safe merge changes nothing."""
+        for layer in layers:
+            for name in names:
+                if name in layer.adapter_names() and not torch.isfinite(layer.delta_weight(name)).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weights; "
+                                     "the adapter is broken, nothing was changed")
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then replace every wrapper by its base module; returns the plain base model."""
+        if self._has_unmerged(adapter_names):
+            self.merge_adapter(adapter_names, safe_merge)
+        return self._unwrap(keep_trained_copies=True)
+
+    def _has_unmerged(self, names: list[str] | None) -> bool:
+        names = names or self.active_adapters
+        return any(n in l.adapter_names() and n not in l.merged_adapters
+                   for _, l in self.adapter_layers() if l.can_merge for n in names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are unmerged first)."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_trained_copies=False)
+
+    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
+        for key, layer in list(self.adapter_layers()):
+            module = layer.current() if keep_trained_copies and isinstance(layer, ModulesToSave) else layer.base_layer
+            self.model.set_submodule(key, module)
+        self.peft_config = {}
+        self.active_adapters = []
+        return self.model
+
+    # -- training hooks ------------------------------------------------------------------------
+    def adapter_loss(self) -> torch.Tensor | None:
+        """Extra loss terms of the active adapters' methods (None for LoRA)."""
+        terms = []
+        for name in self.active_adapters:
+            hook = getattr(method_for_config(self.peft_config[name]), "extra_loss", None)
+            term = hook(self, name) if hook else None
+            if term is not None:
+                terms.append(term)
+        return sum(terms) if terms else None
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        for name in self.active_adapters:
+            hook = getattr(method_for_config(self.peft_config[name]), "after_step", None)
+            if hook:
+                hook(self, name, global_step)

@@ -1,0 +1,125 @@
+"""The adapter file format of Hugging Face PEFT, as pure functions over an ``AdapterModel``.
+
+A folder holds ``adapter_config.json`` (the config's fields, HF names) and
+``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.<tensor>`` with the
+adapter name left out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+Keys come from the layers themselves (``adapter_tensors``), never from searching parameter names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.io.atomic import atomic_write_text, atomic_write_with
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def adapter_tensor_map(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
+    """HF key -> the live tensor, for every tensor that belongs to adapter ``name``."""
+    found: dict[str, torch.Tensor] = {}
+    for key, layer in adapter_model.adapter_layers():
+        if name in layer.adapter_names():
+            for local, tensor in layer.adapter_tensors(name).items():
+                found[f"{PREFIX}{key}.{local}"] = tensor
+    for key, param in adapter_model.bias_parameters(name).items():
+        found[PREFIX + key] = param
+    return found
+
+
+def to_hf_state_dict(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
+    """Detached, contiguous copies, ready for safetensors."""
+    return {k: t.detach().contiguous().clone() for k, t in adapter_tensor_map(adapter_model, name).items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file
+
+    target = Path(folder) / WEIGHTS_NAME
+    atomic_write_with(target, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    return target
+
+
+def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the adapter tensors of a folder (safetensors, or the legacy pickle-free .bin)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return _read_safetensors(folder / WEIGHTS_NAME)
+    if (folder / LEGACY_WEIGHTS_NAME).is_file():
+        return _read_legacy(folder / LEGACY_WEIGHTS_NAME)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {folder}: "
+                            "pass the folder written by save_pretrained")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{path} is corrupt or truncated ({err}); save or copy the adapter again") from err
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is corrupt or not a tensor file ({err}); save the adapter again") from err
+
+
+def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Copy ``state`` into adapter ``name`` after checking every key and shape; return warnings.
+
+    Keys for base-model tensors (HF saves resized embedding tables this way) load into the base.
+    Nothing is copied unless the whole file fits.
+    """
+    expected = adapter_tensor_map(adapter_model, name)
+    base = dict(adapter_model.named_parameters(prefix="base_model"))
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(k for k in state if k not in expected and k not in base)
+    problems = _shape_problems(state, {**base, **expected})
+    if extra or problems or (missing and strict):
+        raise ValueError(_mismatch_message(adapter_model, name, missing, extra, problems))
+    with torch.no_grad():
+        for key, value in state.items():
+            (expected.get(key) if key in expected else base[key]).copy_(value)
+    notes = [f"tensor {k} is missing from the file and keeps its initial value" for k in missing]
+    notes += [f"base tensor {k} was overwritten from the adapter file" for k in state if k not in expected]
+    return notes
+
+
+def _shape_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[str]:
+    return [f"{k}: file has shape {tuple(v.shape)}, model has {tuple(live[k].shape)}"
+            for k, v in state.items() if k in live and tuple(v.shape) != tuple(live[k].shape)]
+
+
+def _mismatch_message(adapter_model: Any, name: str, missing: list[str], extra: list[str],
+                      problems: list[str]) -> str:
+    base = getattr(adapter_model.peft_config.get(name), "base_model_name_or_path", None)
+    lines = [f"adapter {name!r} does not fit this model (adapter trained on base model {base!r}):"]
+    for label, items in (("shape mismatch", problems), ("missing from the file", missing),
+                         ("in the file but not in the model", extra)):
+        if items:
+            lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
+    lines.append("  fix: load it onto the base model it was trained on, with the same config")
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | os.PathLike, config: Any) -> None:
+    """A short README.md that says what the adapter is and how to load it."""
+    path = Path(folder) / "README.md"
+    if path.exists():
+        return
+    text = (f"---\nlibrary_name: peftkit\nbase_model: {config.base_model_name_or_path}\n---\n\n"
+            f"# {config.peft_type} adapter\n\n"
+            f"- base model: `{config.base_model_name_or_path}`\n"
+            f"- task: `{config.task_type}`\n"
+            f"- target modules: `{getattr(config, 'target_modules', None)}`\n\n"
+            "Load with `peftkit.PeftModel.from_pretrained(base_model, this_folder)` "
+            "(or Hugging Face PEFT's `PeftModel.from_pretrained`).\n")
+    atomic_write_text(path, text)

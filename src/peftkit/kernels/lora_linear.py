@@ -1,0 +1,79 @@
+"""LoRA linear as one autograd node: the frozen base matmul and the low-rank path together.
+
+    y = x W^T + b + s (x A^T) B^T        x (N, in), W (out, in), b (out,), A (r, in), B (out, r)
+
+Forward (three matmuls, no (N, out) temporary beyond y itself):
+    xa = x A^T                           (N, r)
+    y  = addmm(b, x, W^T)                (N, out)
+    y += s xa B^T                        in place (addmm_, beta=1, alpha=s)
+
+Saved for backward: x once (both paths read it) and xa (N, r, tiny). W, A, B are parameters.
+
+Backward, chain rule with g = dL/dy (N, out):
+    gb = s g B                           (N, r)        dL/d(xa)
+    dx = g W + gb A                      (N, in)       one addmm_ into g W, no second (N, in) temp
+    dA = gb^T x                          (r, in)
+    dB = s g^T xa                        (out, r)
+W and b are frozen: their gradients are never formed.
+
+The adapter may be kept in float32 while activations are bf16: A and B are cast to the
+activation dtype (r x in and out x r copies, tiny), activations are never upcast, and the
+gradients are returned in the adapter's own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """The plain autograd formula; the spec that `lora_linear` must match."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B)
+    return y + scaling * lora
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
+        A = lora_A.to(x.dtype)                               # (r, in)
+        B = lora_B.to(x.dtype)                               # (out, r)
+        xa = x2 @ A.t()                                      # (N, r)
+        if bias is None:
+            y = x2 @ weight.t()                              # (N, out)
+        else:
+            y = torch.addmm(bias.to(x.dtype), x2, weight.t())
+        y.addmm_(xa, B.t(), alpha=scaling)                   # y += s xa B^T
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scaling = scaling
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])            # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_y.reshape(-1, grad_y.shape[-1])             # (N, out)
+        gb = (g @ B).mul_(s)                                 # (N, r)
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ weight).addmm_(gb, A)                  # (N, in)
+            dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
+        if ctx.needs_input_grad[3]:
+            dA = (gb.t() @ x2).to(ctx.adapter_dtypes[0])     # (r, in)
+        if ctx.needs_input_grad[4]:
+            dB = (g.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])  # (out, r)
+        return dx, None, None, dA, dB, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """`x @ weight.T + bias + scaling * (x @ lora_A.T) @ lora_B.T` with a frozen `weight`/`bias`.
+
+    Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r).
+    Under autocast, or if the base weight needs a gradient, the plain formula is used instead.
+    """
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if not frozen or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))

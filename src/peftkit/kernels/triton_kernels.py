@@ -1,0 +1,115 @@
+"""Triton kernels. Each has a PyTorch twin that is its spec (rms_norm.py, swiglu.py,
+cross_entropy.py, rope.py); those modules decide which one runs (backend.use_triton).
+
+This module imports without Triton: the kernels are then plain functions that nobody launches.
+All arithmetic is float32; values are rounded to the storage dtype where the reference rounds.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    jit = triton.jit
+except ImportError:  # CPU box without Triton: keep the module importable
+    HAS_TRITON = False
+
+    class tl:  # noqa: N801 - stands in for triton.language so the annotations below evaluate
+        constexpr = None
+
+    def jit(fn):
+        return fn
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+@jit
+def rms_norm_fwd(X, W, Y, RSTD, n_cols, eps, BLOCK: tl.constexpr):
+    """Y[row] = W * round(X[row] * rstd), rstd = 1 / sqrt(mean(X[row]^2) + eps)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * n_cols + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@jit
+def rms_norm_bwd(DY, X, W, RSTD, DX, n_cols, BLOCK: tl.constexpr):
+    """DX = rstd * (g - xhat * mean(g * xhat)), g = DY * W, xhat = X * rstd."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dy = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    xhat = x * rstd
+    g = dy * w
+    dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+    tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+@jit
+def silu_mul_fwd(G, U, H, n, BLOCK: tl.constexpr):
+    """H = round(silu(G)) * U."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(H + offs, (act * u).to(H.dtype.element_ty), mask=mask)
+
+
+@jit
+def silu_mul_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    """DU = DH * silu(G);  DG = DH * U * sig(G) * (1 + G * (1 - sig(G)))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(DU + offs, (dh * g * sig).to(DU.dtype.element_ty), mask=mask)
+    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+@jit
+def cross_entropy_rows(LOGITS, LABELS, LOSS, n_cols, ignore_index, BLOCK: tl.constexpr):
+    """LOSS[row] = logsumexp(z) - z[label]; LOGITS[row] is overwritten with softmax(z) - onehot.
+
+    Rows whose label is ignore_index get loss 0 and gradient 0. Two passes over the row:
+    an online max / sum of exponentials, then the gradient written in place.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * n_cols
+    label = tl.load(LABELS + row).to(tl.int32)
+    cols = tl.arange(0, BLOCK)
+    z = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+    m = tl.max(z, axis=0)
+    s = tl.sum(tl.exp(z - m), axis=0)
+    for start in range(BLOCK, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    target = tl.load(base + safe_label).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
+    keep = tl.where(valid, 1.0, 0.0)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = (tl.exp(z - lse) - tl.where(cols == safe_label, 1.0, 0.0)) * keep
+        tl.store(base + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)

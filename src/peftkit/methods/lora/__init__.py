@@ -1,0 +1,21 @@
+"""LoRA: low-rank updates B A added to frozen weights."""
+from torch import nn
+
+from peftkit.engine.targets import is_linear
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from peftkit.registry import LayerRule, MethodSpec, register_method
+
+SPEC = register_method(MethodSpec(
+    name="lora",
+    peft_type="LORA",
+    config_cls=LoraConfig,
+    summary="Low-rank update B A beside each frozen weight (Hu et al., 2021).",
+    layer_rules=[
+        LayerRule(lambda m, c: is_linear(m), LoraLinear),
+        LayerRule(lambda m, c: isinstance(m, nn.Embedding), LoraEmbedding),
+        LayerRule(lambda m, c: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoraConv),
+    ],
+))
+
+__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "SPEC"]

@@ -1,0 +1,241 @@
+"""LoRA layers (Hu et al., 2021).
+
+    h = W0 x + b + s * B A dropout(x),    s = lora_alpha / r   (use_rslora: lora_alpha / sqrt(r))
+
+W0 (out x in) and b stay frozen; A (r x in) and B (out x r) train. Initialisation: A is
+kaiming-uniform (a = sqrt 5), or N(0, 1/r^2) with "gaussian"; B = 0, so a fresh adapter changes
+nothing. Merging adds s * B A to W0, transposed where the base stores its weight as (in, out)
+(GPT-2's Conv1D, ``fan_in_fan_out``).
+
+Embeddings: h = W0[x] + s * A^T[x] B^T with A (r x vocab) = 0 and B (dim x r) ~ N(0, 1) at init.
+Convolutions: A is a convolution with the base's kernel, stride and padding into r channels and B
+a 1x1 convolution back out, so the merged kernel is B A contracted over r.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.engine.layer import BASE, AdapterLayer, merge_into, rows_by_adapter
+from peftkit.methods.lora.config import LoraConfig
+
+
+class LoraLayer(AdapterLayer):
+    """Bookkeeping shared by the LoRA wrappers; subclasses supply the factors and the delta."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.last_merge_error = 0.0
+
+    def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
+        self.r[name], self.lora_alpha[name] = config.rank_for(key), config.alpha_for(key)
+        self.scaling[name] = config.scaling_for(key)
+        p = config.lora_dropout
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.make_factors(name, self.r[name])
+        self.init_factors(name, config.init_lora_weights)
+        device = self.base_weight().device
+        for tensor in self.adapter_tensors(name).values():
+            tensor.data = tensor.data.to(device=device, dtype=torch.float32)
+
+    def delete_adapter(self, name: str) -> None:
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name)
+        del self.lora_dropout[name]
+        self.drop_factors(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def merge(self, names: list[str], safe: bool = False) -> float:
+        """Fold each named adapter into the base weight; return the largest rounding error."""
+        error = 0.0
+        for name in names:
+            if name in self.adapter_names() and name not in self.merged_adapters:
+                error = max(error, merge_into(self.base_weight(), self.delta_weight(name), safe, name))
+                self.merged_adapters.append(name)
+        self.last_merge_error = error
+        return error
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            merge_into(self.base_weight(), self.delta_weight(name), False, name, sign=-1.0)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self.mixed_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            result = result + self.delta(x, name).to(result.dtype)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row uses its own adapter (or none): equal to running the rows one by one."""
+        if self.merged:
+            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():
+            if name != BASE and name in self.adapter_names():
+                rows = rows.to(x.device)
+                result = result.index_add(0, rows, self.delta(x[rows], name).to(result.dtype))
+        return result
+
+    # -- per layer type ------------------------------------------------------------------------
+    def make_factors(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def drop_factors(self, name: str) -> None:
+        raise NotImplementedError
+
+    def init_factors(self, name: str, mode: bool | str) -> None:
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change to the base weight, in float32 and the base weight's layout."""
+        raise NotImplementedError
+
+
+def init_pair(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> None:
+    """A random and B zero (identity start); with mode False both stay random (a real change)."""
+    if mode is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
+    if mode == "gaussian":
+        nn.init.normal_(a, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        weight = base_layer.weight
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: (in, out)
+        self.in_features, self.out_features = weight.shape[::-1] if not self.fan_in_fan_out else weight.shape
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def make_factors(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def drop_factors(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
+    def init_factors(self, name: str, mode: bool | str) -> None:
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, mode, self.r[name])
+
+    def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = self.lora_dropout[name](x)
+        # Cast the small factors to the activations' dtype, never the activations up to fp32.
+        return F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: a low-rank table looked up beside the base table."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def make_factors(self, name: str, r: int) -> None:
+        vocab, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, vocab))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r))
+
+    def drop_factors(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def init_factors(self, name: str, mode: bool | str) -> None:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        nn.init.normal_(b)
+        if mode is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+
+    def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        rows = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)  # (..., r)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else rows.dtype
+        return (rows @ b.T).to(dtype) * self.scaling[name]  # (..., dim)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return (b @ a).T * self.scaling[name]  # (vocab, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA around ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (groups must be 1)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; "
+                             "exclude this module with exclude_modules")
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def make_factors(self, name: str, r: int) -> None:
+        base, conv = self.base_layer, type(self.base_layer)
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                 base.dilation, bias=False, padding_mode=base.padding_mode)
+        self.lora_B[name] = conv(r, base.out_channels, 1, 1, bias=False)
+
+    def drop_factors(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
+    def init_factors(self, name: str, mode: bool | str) -> None:
+        init_pair(self.lora_A[name].weight, self.lora_B[name].weight, mode, self.r[name])
+
+    def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        h = self.lora_dropout[name](x)
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(h.to(a.weight.dtype))) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()  # (r, in, *kernel)
+        b = self.lora_B[name].weight.float().flatten(1)  # (out, r)
+        return torch.einsum("or,ri...->oi...", b, a) * self.scaling[name]  # (out, in, *kernel)

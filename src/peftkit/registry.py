@@ -1,0 +1,79 @@
+"""The method registry: each method registers its config and layer wrappers; the engine dispatches.
+
+Adding a method adds entries here (``register_method``); adding a layer type to a method adds one
+``LayerRule``. The engine never names a method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Wrap modules for which ``matches(module, config)`` is true with ``wrapper(module, ...)``."""
+
+    matches: Callable[[nn.Module, object], bool]
+    wrapper: type
+
+
+@dataclass
+class MethodSpec:
+    """Everything the engine needs to know about one method."""
+
+    name: str  # CLI name, e.g. "lora"
+    peft_type: str  # HF format name, e.g. "LORA"
+    config_cls: type
+    layer_rules: list[LayerRule] = field(default_factory=list)
+    summary: str = ""
+    # Training hooks the trainer calls through the model (None: the method has none).
+    extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
+    after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)
+
+    def wrapper_for(self, module: nn.Module, config: object) -> type | None:
+        """First matching rule wins, so specific base types are registered before general ones."""
+        for rule in self.layer_rules:
+            if rule.matches(module, config):
+                return rule.wrapper
+        return None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    import peftkit.methods  # noqa: F401  (importing registers every built-in method)
+
+
+def list_methods() -> list[str]:
+    _ensure_loaded()
+    return list(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    _ensure_loaded()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def get_method_by_peft_type(peft_type: str | None) -> MethodSpec:
+    _ensure_loaded()
+    for spec in _METHODS.values():
+        if spec.peft_type == peft_type:
+            return spec
+    known = ", ".join(s.peft_type for s in _METHODS.values())
+    raise ValueError(f"adapter config has peft_type={peft_type!r}, which peftkit does not support; known: {known}")
+
+
+def method_for_config(config: object) -> MethodSpec:
+    return get_method_by_peft_type(getattr(config, "peft_type", None))
