@@ -56,7 +56,10 @@ def build_classification_dataset(
 
 def _feature(encoded, index: int, label2id: Mapping[Hashable, int], label: Hashable) -> dict:
     if label not in label2id:
-        raise ValueError(f"record {index} has label {label!r}, which is not among {list(label2id)}; build label2id from all splits")
+        raise ValueError(
+            f"record {index} has label {label!r}, which is not among {list(label2id)}; "
+            "build label2id from the labels of all splits"
+        )
     feature = {"input_ids": encoded["input_ids"][index], "labels": label2id[label]}
     if "token_type_ids" in encoded:
         feature["token_type_ids"] = encoded["token_type_ids"][index]

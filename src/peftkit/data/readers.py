@@ -22,7 +22,9 @@ def _json_line(line: str, path: Path, lineno: int) -> dict:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must be one object") from e
+        raise ValueError(
+            f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file must be one object"
+        ) from e
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -46,7 +48,9 @@ def _read_parquet(path: Path) -> list[dict]:
         import pandas as pd
         import pyarrow  # noqa: F401  (pandas needs it as the parquet engine)
     except ImportError as e:
-        raise ImportError(f"reading {path} needs pandas and pyarrow; install them with: pip install pandas pyarrow") from e
+        raise ImportError(
+            f"reading {path} needs pandas and pyarrow; install them with: pip install pandas pyarrow"
+        ) from e
     return pd.read_parquet(path).to_dict(orient="records")
 
 
@@ -72,7 +76,9 @@ def load_records(path: str | Path, *, format: str | None = None) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist; check the path (relative paths start at {Path.cwd()})")
+        raise FileNotFoundError(
+            f"dataset file {str(path)!r} does not exist; check the path (relative paths start at {Path.cwd()})"
+        )
     fmt = _format_of(path, format)
     records = READERS[fmt](path)
     if not records:

@@ -16,7 +16,9 @@ def train_eval_split(
 ) -> tuple[list[dict], list[dict]]:
     """Split records into (train, eval); ``stratify_by="label"`` keeps label proportions in both."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}; 0.1 keeps 10% for eval")
+        raise ValueError(
+            f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}; 0.1 keeps 10% for eval"
+        )
     if len(records) < 2:
         raise ValueError(f"need at least 2 records to split into train and eval, got {len(records)}")
     groups = _group_indices(records, stratify_by)

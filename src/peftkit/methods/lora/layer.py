@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.engine.layer import BASE, AdapterLayer, merge_into, rows_by_adapter
+from peftkit.kernels.lora_linear import lora_linear
 from peftkit.methods.lora.config import LoraConfig
 
 
@@ -135,6 +136,24 @@ class LoraLinear(LoraLayer):
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.fused_adapter()
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name])
+
+    def fused_adapter(self) -> str | None:
+        """The one adapter to run as a single fused node, or None when the general path is needed."""
+        if self.disabled or self.batch_adapter_names is not None or type(self.base_layer) is not nn.Linear:
+            return None
+        names = self.unmerged_active()
+        if len(names) != 1 or self.merged:
+            return None
+        dropout = self.lora_dropout[names[0]]
+        return names[0] if isinstance(dropout, nn.Identity) or not self.training else None
 
     def make_factors(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
