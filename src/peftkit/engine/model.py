@@ -229,7 +229,27 @@ class AdapterModel(nn.Module):
             return
         if safe_merge:
             self._check_finite(todo, names)
+        self._untie(todo)
         self.last_merge_error = max(layer.merge(names, safe_merge) for layer in todo)
+
+    def _untie(self, layers: list[AdapterLayer]) -> None:
+        """Give a merging layer its own weight when the base shares it (tied embeddings/LM head).
+
+        Otherwise merging into the LM head would silently change the input embeddings too, and a
+        reload would tie them again. The model's config is told the weights are no longer tied.
+        """
+        owners: dict[int, int] = {}
+        for _, param in self.model.named_parameters(remove_duplicate=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+        for layer in layers:
+            weight = layer.base_weight()
+            if owners.get(id(weight), 1) > 1:
+                layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+                config = getattr(self.model, "config", None)
+                if config is not None and getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
+                warnings.warn(f"{type(layer.base_layer).__name__} weight was tied to another module; "
+                              "it was untied before merging so the other module keeps its weights")
 
     def _check_finite(self, layers: list[AdapterLayer], names: list[str]) -> None:
         """Check every layer before touching any weight, so a failed safe merge changes nothing."""
