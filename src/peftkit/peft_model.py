@@ -224,9 +224,11 @@ class _HeadTrainedModel(PeftModel):
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
         config = super()._prepare_config(model, config)
         if hasattr(config, "modules_to_save"):
+            # HF PEFT lists every usual head name ("classifier", "score"); keep those that exist.
             present = {k.split(".")[-1] for k, _ in model.named_modules()}
-            heads = [h for h in self.head_names if h in present]
-            config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads)) or None
+            wanted = (config.modules_to_save or []) + self.head_names
+            kept = [n for n in wanted if n not in self.head_names or n in present]
+            config.modules_to_save = list(dict.fromkeys(kept)) or None
         return config
 
 

@@ -209,8 +209,9 @@ class AdapterModel(nn.Module):
         for adapter in names:
             mode = getattr(self.peft_config[adapter], "bias", "none")
             if mode == "all":
-                found.update({k: p for k, p in self.model.named_parameters() if k.split(".")[-1] == "bias"
-                              and ".modules_to_save." not in f".{k}"})
+                copies = tuple(f"{k}." for k, l in self.adapter_layers() if isinstance(l, ModulesToSave))
+                found.update({k: p for k, p in self.model.named_parameters()
+                              if k.split(".")[-1] == "bias" and not k.startswith(copies)})
             elif mode == "lora_only":
                 for key, layer in self.adapter_layers():
                     bias = getattr(layer.base_layer, "bias", None)

@@ -15,7 +15,8 @@ from torch import nn
 
 ALL_LINEAR = "all-linear"
 # Heads trained in full (modules_to_save) or producing outputs; "all-linear" never adapts them.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
+# As in HF PEFT, hidden layers such as BERT's pooler or MLM transform are not heads.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
 def is_linear(module: nn.Module) -> bool:

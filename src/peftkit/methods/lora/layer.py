@@ -14,6 +14,7 @@ a 1x1 convolution back out, so the merged kernel is B A contracted over r.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -130,6 +131,14 @@ class LoraLinear(LoraLayer):
         weight = base_layer.weight
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: (in, out)
         self.in_features, self.out_features = weight.shape[::-1] if not self.fan_in_fan_out else weight.shape
+
+    def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
+        if config.fan_in_fan_out != self.fan_in_fan_out:
+            # The layout follows the layer type; the config is corrected so the saved file says so.
+            warnings.warn(f"{key} is a {type(self.base_layer).__name__}: setting fan_in_fan_out="
+                          f"{self.fan_in_fan_out} in the config")
+            config.fan_in_fan_out = self.fan_in_fan_out
+        super().add_adapter(name, config, key)
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
