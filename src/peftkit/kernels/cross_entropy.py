@@ -26,7 +26,8 @@ _VOCAB_BLOCK = 4096
 
 def causal_lm_loss_reference(hidden, weight, labels, num_items_in_batch=None):
     """transformers' ForCausalLMLoss on `hidden @ weight.T`: the spec."""
-    logits = (hidden @ weight.t()).float()                              # (B, S, V)
+    logits = hidden @ weight.t()                                        # (B, S, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]          # (B, S)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = F.cross_entropy(logits.flatten(0, -2), shift.reshape(-1),
@@ -36,7 +37,7 @@ def causal_lm_loss_reference(hidden, weight, labels, num_items_in_batch=None):
 
 def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row loss (0 where ignored); overwrites `logits` (c, V) with softmax - onehot."""
-    z = logits.float()                                                  # (c, V)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))    # (c, V)
     lse = torch.logsumexp(z, dim=-1)                                    # (c,)
     valid = labels != IGNORE_INDEX
     safe = labels.clamp_min(0)[:, None]                                 # (c, 1)
@@ -53,7 +54,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         return cross_entropy_rows_reference(logits, labels)
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     tk.cross_entropy_rows[(logits.shape[0],)](
-        logits, labels, loss, logits.shape[1], IGNORE_INDEX, BLOCK=_VOCAB_BLOCK)
+        logits, labels, loss, IGNORE_INDEX, n_cols=logits.shape[1], BLOCK=_VOCAB_BLOCK)
     return loss
 
 
@@ -62,8 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h2, weight, labels, denom, chunk):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if need_dh else None                 # (N, H)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        total = torch.zeros((), dtype=torch.float32, device=h2.device)
+        acc = torch.promote_types(h2.dtype, torch.float32)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        total = torch.zeros((), dtype=acc, device=h2.device)
         for start in range(0, h2.shape[0], chunk):
             h = h2[start:start + chunk]                                 # (c, H)
             z = h @ weight.t()                                          # (c, V)
@@ -71,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_dh:
                 torch.mm(z, weight, out=dh[start:start + chunk])        # (c, H)
             if need_dw:
-                dw += (z.t() @ h).float()                               # (V, H)
+                dw += (z.t() @ h).to(acc)                             # (V, H)
         scale = 1.0 / denom
         ctx.save_for_backward(dh.mul_(scale) if need_dh else None,
                               dw.mul_(scale).to(weight.dtype) if need_dw else None)
@@ -94,8 +96,9 @@ def fused_causal_lm_loss(hidden, lm_head_weight, labels, chunk: int = 2048, num_
     """
     shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)  # (N,)
     if num_items_in_batch is None:
-        denom = (shift != IGNORE_INDEX).sum().clamp_min(1).float()
+        denom = (shift != IGNORE_INDEX).sum().clamp_min(1)
     else:
-        denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    denom = denom.to(torch.promote_types(hidden.dtype, torch.float32))
     h2 = hidden.reshape(-1, hidden.shape[-1])                               # (N, H)
     return _LinearCrossEntropy.apply(h2, lm_head_weight, shift.contiguous(), denom, int(chunk))

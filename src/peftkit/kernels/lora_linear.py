@@ -3,15 +3,20 @@
     y = x W^T + b + s (x A^T) B^T        x (N, in), W (out, in), b (out,), A (r, in), B (out, r)
 
 Forward (three matmuls, no (N, out) temporary beyond y itself):
+    Bs = s B^T                           (r, out)   one small cast; contiguous, which cuBLAS
+                                                    runs ~2x faster than a transposed view here
     xa = x A^T                           (N, r)
-    y  = addmm(b, x, W^T)                (N, out)
-    y += s xa B^T                        in place (addmm_, beta=1, alpha=s)
+    y  = addmm(b, xa, Bs)                (N, out)   the low-rank term first ...
+    y += x W^T                           in place: addmm_ with beta=1, so the big matmul reads
+                                         the low-rank term in its epilogue instead of a
+                                         separate memory-bound pass adding it afterwards
 
-Saved for backward: x once (both paths read it) and xa (N, r, tiny). W, A, B are parameters.
+Saved for backward: x once (both paths read it) and xa (N, r, tiny). W, A, Bs are small or
+parameters.
 
 Backward, chain rule with g = dL/dy (N, out):
-    gb = s g B                           (N, r)        dL/d(xa)
-    dx = g W + gb A                      (N, in)       one addmm_ into g W, no second (N, in) temp
+    gb = g Bs^T = s g B                  (N, r)        dL/d(xa)
+    dx = gb A + g W                      (N, in)       gb A first, then addmm_ (beta=1) adds g W
     dA = gb^T x                          (r, in)
     dB = s g^T xa                        (out, r)
 W and b are frozen: their gradients are never formed.
@@ -38,32 +43,30 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
         A = lora_A.to(x.dtype)                               # (r, in)
-        B = lora_B.to(x.dtype)                               # (out, r)
+        Bs = x.new_empty(lora_B.shape[::-1])                 # (r, out)
+        torch.mul(lora_B.t(), scaling, out=Bs)               # s B^T, cast in the same kernel
         xa = x2 @ A.t()                                      # (N, r)
-        if bias is None:
-            y = x2 @ weight.t()                              # (N, out)
-        else:
-            y = torch.addmm(bias.to(x.dtype), x2, weight.t())
-        y.addmm_(xa, B.t(), alpha=scaling)                   # y += s xa B^T
-        ctx.save_for_backward(x2, xa, weight, A, B)
+        y = xa @ Bs if bias is None else torch.addmm(bias.to(x.dtype), xa, Bs)  # (N, out)
+        y.addmm_(x2, weight.t())                             # y += x W^T
+        ctx.save_for_backward(x2, xa, weight, A, Bs)
         ctx.scaling = scaling
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])            # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, weight, A, B = ctx.saved_tensors
-        s = ctx.scaling
+        x2, xa, weight, A, Bs = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])             # (N, out)
-        gb = (g @ B).mul_(s)                                 # (N, r)
+        gb = g @ Bs.t()                                      # (N, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = (g @ weight).addmm_(gb, A)                  # (N, in)
+            dx = (gb @ A).addmm_(g, weight)                  # (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
             dA = (gb.t() @ x2).to(ctx.adapter_dtypes[0])     # (r, in)
         if ctx.needs_input_grad[4]:
-            dB = (g.t() @ xa).mul_(s).to(ctx.adapter_dtypes[1])  # (out, r)
+            dB = torch.empty(Bs.shape[::-1], dtype=ctx.adapter_dtypes[1], device=g.device)
+            torch.mul(g.t() @ xa, ctx.scaling, out=dB)       # (out, r)
         return dx, None, None, dA, dB, None
 
 

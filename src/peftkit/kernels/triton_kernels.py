@@ -1,4 +1,4 @@
-"""Triton kernels. Each has a PyTorch twin that is its spec (rms_norm.py, swiglu.py,
+"""Triton kernels. Each has a PyTorch twin that is its spec (norm.py, swiglu.py,
 cross_entropy.py, rope.py); those modules decide which one runs (backend.use_triton).
 
 This module imports without Triton: the kernels are then plain functions that nobody launches.
@@ -82,7 +82,7 @@ def silu_mul_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- cross-entropy
 @jit
-def cross_entropy_rows(LOGITS, LABELS, LOSS, n_cols, ignore_index, BLOCK: tl.constexpr):
+def cross_entropy_rows(LOGITS, LABELS, LOSS, ignore_index, n_cols: tl.constexpr, BLOCK: tl.constexpr):
     """LOSS[row] = logsumexp(z) - z[label]; LOGITS[row] is overwritten with softmax(z) - onehot.
 
     Rows whose label is ignore_index get loss 0 and gradient 0. Two passes over the row:
@@ -95,8 +95,8 @@ def cross_entropy_rows(LOGITS, LABELS, LOSS, n_cols, ignore_index, BLOCK: tl.con
     z = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
     m = tl.max(z, axis=0)
     s = tl.sum(tl.exp(z - m), axis=0)
-    for start in range(BLOCK, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    for block in range(1, tl.cdiv(n_cols, BLOCK)):
+        cols = block * BLOCK + tl.arange(0, BLOCK)
         z = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -107,9 +107,43 @@ def cross_entropy_rows(LOGITS, LABELS, LOSS, n_cols, ignore_index, BLOCK: tl.con
     target = tl.load(base + safe_label).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
     keep = tl.where(valid, 1.0, 0.0)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    for block in range(0, tl.cdiv(n_cols, BLOCK)):
+        cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         grad = (tl.exp(z - lse) - tl.where(cols == safe_label, 1.0, 0.0)) * keep
         tl.store(base + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- RoPE
+@jit
+def rope_token(X, COS, SIN, Y, n_heads, seq, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s,
+               HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+    """All heads of one token. x = (x1, x2) halves of the head dim, c/s the cos/sin halves.
+
+    Forward:  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2      (x * cos + rotate_half(x) * sin)
+    Backward: y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1      (its transpose, applied to dy)
+    Each product is rounded to X's dtype before the sum, as the eager ops round.
+    """
+    tok = tl.program_id(0).to(tl.int64)
+    b, s = tok // seq, tok % seq
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    mask = heads < n_heads
+    cs = COS + b * sc_b + s * sc_s
+    sn = SIN + b * sc_b + s * sc_s
+    c1, c2 = tl.load(cs + d).to(tl.float32), tl.load(cs + HALF + d).to(tl.float32)
+    s1, s2 = tl.load(sn + d).to(tl.float32), tl.load(sn + HALF + d).to(tl.float32)
+    xp = X + b * sx_b + s * sx_s + heads * sx_h
+    x1 = tl.load(xp + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    dt = X.dtype.element_ty
+    if BACKWARD:
+        y1 = (x1 * c1).to(dt).to(tl.float32) + (x2 * s2).to(dt).to(tl.float32)
+        y2 = (x2 * c2).to(dt).to(tl.float32) - (x1 * s1).to(dt).to(tl.float32)
+    else:
+        y1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
+        y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    yp = Y + b * sy_b + s * sy_s + heads * sy_h
+    tl.store(yp + d, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(yp + HALF + d, y2.to(Y.dtype.element_ty), mask=mask)

@@ -19,8 +19,8 @@ from .backend import use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm.forward, verbatim in formula."""
-    x32 = x.to(torch.float32)
+    """transformers' LlamaRMSNorm.forward (float64 stays float64 instead of going to float32)."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 

@@ -1,0 +1,315 @@
+"""LoRA training throughput and memory on one GPU: peftkit vs HF PEFT vs the frozen ceiling.
+
+    python benchmarks/train_throughput.py --shapes 1b,8b --steps 10 --warmup 3 --checkpointing both
+
+Llama-shaped models with random weights (bf16, SDPA attention), LoRA r=16 alpha=16 dropout 0 on
+q,k,v,o,gate,up,down, AdamW (fused) on the adapters. Every contender runs in this process on a
+model rebuilt from the same seed and on the same batch (full 1024-token rows, no padding, so
+no attention mask: causal SDPA):
+
+  peftkit        peftkit.get_peft_model + peftkit.kernels.patch_model (fused RMSNorm, SwiGLU,
+                 RoPE, linear+cross-entropy)
+  hf_peft        peft.get_peft_model with its defaults (adapter weights upcast to float32)
+  frozen         no adapter, nothing trainable, backward through the activations only
+                 (input embeddings require grad), patched like peftkit: our ceiling
+  frozen_hf      the same, unpatched: transformers' own ceiling
+  peftkit_plain  (diagnostic, not run by default) peftkit's LoRA without patch_model
+
+FLOPs per token = 4 x frozen matmul params + 6 x trainable params + attention, where frozen
+matmul params are the decoder's linear weights plus the LM head (the embedding lookup is not a
+matmul) and attention is PaLM appendix B's 12 * layers * d_model * seq (QK^T and AV, forward 2x
++ backward 4x, no causal discount). Peak = a timed 8192^3 bf16 matmul on the same card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # hidden, layers, ffn, heads, kv heads, vocab, tied embeddings, batch
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, batch=(8, 1024)),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, batch=(4, 1024)),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, batch=(2, 32)),
+}
+DEVICE = "cuda"  # --device cpu runs the tiny shape as a smoke test of this script
+CONTENDERS = ["peftkit", "hf_peft", "frozen", "frozen_hf"]
+
+
+@dataclass
+class Result:
+    shape: str
+    checkpointing: bool
+    contender: str
+    step_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    peak_gib: float = float("nan")
+    tflops: float = float("nan")
+    mfu: float = float("nan")
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- model and data
+def build_model(shape: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {k: v for k, v in SHAPES[shape].items() if k != "batch"}
+    config = LlamaConfig(**cfg, rope_theta=500000.0, max_position_embeddings=8192, use_cache=False,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.train()
+
+
+def make_batch(shape: str, seed: int = 1) -> dict:
+    batch, seq = SHAPES[shape]["batch"]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=DEVICE, generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}  # no padding, so no mask (no host sync on it)
+
+
+def lora_kwargs() -> dict:
+    return dict(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
+
+
+def prepare(contender: str, model, checkpointing: bool):
+    """Wrap `model` for one contender; returns (model to call, optimizer or None)."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if contender in ("frozen", "frozen_hf"):
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        if contender == "frozen":
+            from peftkit.kernels import patch_model
+            patch_model(model)
+        return model, None
+    if contender == "hf_peft":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs()))
+    else:
+        import peftkit
+        from peftkit.kernels import patch_model
+        model = peftkit.get_peft_model(model, peftkit.LoraConfig(**lora_kwargs()))
+        if contender == "peftkit":
+            patch_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
+def train_step(model, opt, batch) -> torch.Tensor:
+    loss = model(**batch).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- counting and timing
+def flops_per_token(model, shape: str) -> tuple[float, int, int]:
+    """(FLOPs per token, frozen matmul params, trainable params)."""
+    cfg, seq = SHAPES[shape], SHAPES[shape]["batch"][1]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(m.weight.numel() for n, m in model.named_modules()
+                 if type(m) is torch.nn.Linear and "lora_" not in n)
+    attention = 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq
+    return 4 * frozen + 6 * trainable + attention, frozen, trainable
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    n = n if DEVICE == "cuda" else 512
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(reps + 3):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    del a, b
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def time_steps(model, opt, batch, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """(seconds per step, losses of every step, warm-up included)."""
+    losses = [train_step(model, opt, batch) for _ in range(warmup)]
+    sync()
+    t0 = time.perf_counter()
+    losses += [train_step(model, opt, batch) for _ in range(steps)]
+    sync()
+    return (time.perf_counter() - t0) / steps, [x.item() for x in losses]
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
+
+def free_memory():
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ----------------------------------------------------------------------------- one contender
+def run_contender(contender, shape, checkpointing, args, peak) -> Result:
+    res = Result(shape, checkpointing, contender)
+    free_memory()
+    try:
+        model, opt = prepare(contender, build_model(shape), checkpointing)
+        batch = make_batch(shape)
+        step_s, losses = time_steps(model, opt, batch, args.steps, args.warmup)
+        flops, _, _ = flops_per_token(model, shape)
+        if contender in args.profile.split(",") and args.profile_checkpointing in ("both", ("off", "on")[checkpointing]):
+            profile(model, opt, batch, f"{args.out_prefix}profile_{contender}_{shape}_ckpt{int(checkpointing)}.txt")
+    except torch.OutOfMemoryError:
+        res.note = "OOM"
+        model = opt = batch = None
+        free_memory()
+        return res
+    tokens = batch["input_ids"].numel()
+    res.step_s, res.tokens_per_s = step_s, tokens / step_s
+    res.peak_gib = peak_gib()
+    res.tflops = flops * res.tokens_per_s / 1e12
+    res.mfu = res.tflops / peak
+    res.note = f"loss {losses[0]:.4f}->{losses[-1]:.4f}"
+    del model, opt, batch
+    free_memory()
+    return res
+
+
+def profile(model, opt, batch, path: str, steps: int = 2):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(model, opt, batch)
+        sync()
+    sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    with open(path, "w") as fh:
+        fh.write(table)
+    print(f"  profile -> {path}\n" + "\n".join(table.splitlines()[:22]), flush=True)
+
+
+# ----------------------------------------------------------------------------- loss agreement
+def lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def loss_curve(contender, shape, steps, lr, start_state):
+    model, _ = prepare(contender, build_model(shape), checkpointing=False)
+    if start_state is not None:
+        missing = set(start_state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise RuntimeError(f"adapter names differ between contenders: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start_state:
+                    p.copy_(start_state[n])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    state = lora_state(model)
+    batch = make_batch(shape)
+    losses = [train_step(model, opt, batch).item() for _ in range(steps)]
+    del model, opt
+    free_memory()
+    return losses, state
+
+
+def loss_agreement(shape: str, steps: int = 20, lr: float = 1e-3) -> float:
+    """Same adapter start, same batch, same optimizer: per-step loss of peftkit vs HF PEFT."""
+    ref, start = loss_curve("hf_peft", shape, steps, lr, None)
+    ours, _ = loss_curve("peftkit", shape, steps, lr, start)
+    print(f"\nloss agreement on {shape}, {steps} steps, AdamW lr {lr}, same adapter start and batch")
+    print(f"{'step':>4} {'hf_peft':>10} {'peftkit':>10} {'rel diff':>9}")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        rel = abs(a - b) / abs(a)
+        worst = max(worst, rel)
+        print(f"{i:4d} {a:10.5f} {b:10.5f} {rel:9.2e}")
+    print(f"max relative difference {worst:.2e} (target <= 1e-2): {'met' if worst <= 1e-2 else 'NOT met'}")
+    return worst
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(results: list[Result], peak: float):
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    print(f"\nfinal table (peak bf16 matmul {peak:.0f} TFLOP/s on {card})")
+    print(f"{'shape':5} {'ckpt':4} {'contender':13} {'step s':>7} {'tok/s':>9} {'peak GiB':>8} "
+          f"{'TFLOP/s':>8} {'MFU':>6}  note")
+    for r in results:
+        print(f"{r.shape:5} {'on' if r.checkpointing else 'off':4} {r.contender:13} {r.step_s:7.3f} "
+              f"{r.tokens_per_s:9.0f} {r.peak_gib:8.2f} {r.tflops:8.1f} {r.mfu:6.1%}  {r.note}")
+    print_ratios(results)
+
+
+def print_ratios(results: list[Result]):
+    print("\nratios (peftkit / other): tokens/s, peak memory")
+    keyed = {(r.shape, r.checkpointing, r.contender): r for r in results}
+    for (shape, ckpt, name), ours in keyed.items():
+        if name != "peftkit":
+            continue
+        for other in ("hf_peft", "frozen", "frozen_hf"):
+            r = keyed.get((shape, ckpt, other))
+            if r is not None:
+                print(f"  {shape} ckpt {'on ' if ckpt else 'off'} vs {other:9}: "
+                      f"{ours.tokens_per_s / r.tokens_per_s:5.2f}x speed, {ours.peak_gib / r.peak_gib:5.2f}x memory")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1b,8b")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--checkpointing", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--loss-check", default="1b", help="shape for the 20-step loss check, or 'none'")
+    parser.add_argument("--profile", default="", help="contenders to profile (2 steps, torch.profiler)")
+    parser.add_argument("--profile-checkpointing", default="off", choices=["both", "on", "off"])
+    parser.add_argument("--out-prefix", default="", help="prefix (folder/) for profile and JSON files")
+    parser.add_argument("--device", default="cuda", help="cpu: smoke-test this script (--shapes tiny)")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    peak = peak_matmul_tflops()
+    print(f"peak bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
+    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    results = []
+    for shape in args.shapes.split(","):
+        for ckpt in ckpts:
+            for contender in args.contenders.split(","):
+                t0 = time.time()
+                results.append(run_contender(contender, shape, ckpt, args, peak))
+                print(f"{asdict(results[-1])}  ({time.time() - t0:.0f}s)", flush=True)
+    if args.loss_check != "none":
+        loss_agreement(args.loss_check)
+    print_table(results, peak)
+    with open(f"{args.out_prefix}results.json", "w") as fh:
+        json.dump([asdict(r) for r in results], fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

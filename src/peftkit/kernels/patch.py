@@ -1,0 +1,145 @@
+"""Opt-in: swap fused kernels into known model families, in place, per module instance.
+
+`patch_model(model)` rebinds `forward` on the instances it recognises (by class name, so no
+transformers import is needed here) and leaves every parameter and state-dict key as it was:
+
+  * RMSNorm of the Llama formula          -> rms_norm (Triton on CUDA)
+  * gated MLP with SiLU (gate/up/down)    -> silu_mul between the projections
+  * attention of those families           -> apply_rope: while a patched attention runs, the
+                                             family module's `apply_rotary_pos_emb` (replaced
+                                             once by a dispatcher) calls the fused kernel; any
+                                             other caller still gets transformers' function
+  * ...ForCausalLM called with labels     -> fused_causal_lm_loss on the last hidden state;
+                                             `logits` is then None (they are never formed)
+
+Calls the fast path cannot serve (positional arguments, logits_to_keep, an adapted lm_head)
+go to the model's own forward. Adapters may be added before or after patching.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cross_entropy import fused_causal_lm_loss
+from .norm import rms_norm
+from .rope import apply_rope
+from .swiglu import silu_mul
+
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+RMS_NORMS = {f"{f}RMSNorm" for f in _FAMILIES}
+GATED_MLPS = {f"{f}MLP" for f in _FAMILIES}
+CAUSAL_LMS = {f"{f}ForCausalLM" for f in _FAMILIES}
+ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
+_ROPE = threading.local()  # .depth > 0 while a patched attention's forward runs
+_SILU = ("SiLU", "SiLUActivation")
+
+
+@dataclass
+class PatchReport:
+    """What `patch_model` changed: the qualified names of the patched modules, by kind."""
+
+    rms_norm: list[str] = field(default_factory=list)
+    mlp: list[str] = field(default_factory=list)
+    rope: list[str] = field(default_factory=list)
+    causal_lm_loss: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"patched {len(self.rms_norm)} RMSNorm, {len(self.mlp)} MLP, "
+                f"{len(self.rope)} RoPE, {len(self.causal_lm_loss)} causal-LM loss")
+
+
+def _rms_norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attention_forward(self, *args, **kwargs):
+    _ROPE.depth = getattr(_ROPE, "depth", 0) + 1
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE.depth -= 1
+
+
+def _rope_dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if getattr(_ROPE, "depth", 0) > 0 and not args and kwargs.get("unsqueeze_dim", 1) == 1:
+            return apply_rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.peftkit_original = original
+    return apply_rotary_pos_emb
+
+
+def _install_rope(attention: nn.Module) -> bool:
+    """Route the family's apply_rotary_pos_emb through the dispatcher; False if it has none."""
+    family = sys.modules.get(type(attention).__module__)
+    current = getattr(family, "apply_rotary_pos_emb", None)
+    if current is None:
+        return False
+    if not hasattr(current, "peftkit_original"):
+        family.apply_rotary_pos_emb = _rope_dispatcher(current)
+    attention.forward = types.MethodType(_attention_forward, attention)
+    return True
+
+
+def _causal_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
+    head = self.lm_head
+    plain_head = type(head) is nn.Linear and head.bias is None
+    if labels is None or args or kwargs.get("logits_to_keep", 0) != 0 or not plain_head:
+        return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    return_dict = kwargs.pop("return_dict", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    outputs = self.model(input_ids=input_ids, **kwargs)
+    loss = fused_causal_lm_loss(outputs.last_hidden_state, head.weight, labels,
+                                num_items_in_batch=num_items)
+    result = _causal_lm_output(loss, outputs)
+    return result if return_dict is not False else result.to_tuple()
+
+
+def _causal_lm_output(loss, outputs):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _is_silu_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return type(act).__name__ in _SILU and all(
+        hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def patch_model(model: nn.Module) -> PatchReport:
+    """Swap fused forwards into the recognised modules of `model`; return what was patched."""
+    report = PatchReport()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            report.rms_norm.append(name)
+        elif kind in GATED_MLPS and _is_silu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            report.mlp.append(name)
+        elif kind in ATTENTIONS and _install_rope(module):
+            report.rope.append(name)
+        elif kind in CAUSAL_LMS:
+            module.forward = types.MethodType(_causal_lm_forward, module)
+            report.causal_lm_loss.append(name)
+    return report
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo `patch_model`: every module gets its class's forward back."""
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
