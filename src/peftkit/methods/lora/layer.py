@@ -34,13 +34,14 @@ class LoraLayer(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
         self.last_merge_error = 0.0
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
         self.r[name], self.lora_alpha[name] = config.rank_for(key), config.alpha_for(key)
         self.scaling[name] = config.scaling_for(key)
-        p = config.lora_dropout
+        p = self.dropout_p[name] = config.lora_dropout
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.make_factors(name, self.r[name])
         self.init_factors(name, config.init_lora_weights)
@@ -49,7 +50,7 @@ class LoraLayer(AdapterLayer):
             tensor.data = tensor.data.to(device=device, dtype=torch.float32)
 
     def delete_adapter(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.dropout_p):
             table.pop(name)
         del self.lora_dropout[name]
         self.drop_factors(name)
@@ -130,6 +131,7 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         weight = base_layer.weight
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: (in, out)
+        self.plain_linear = type(base_layer) is nn.Linear  # subclasses may hook forward: no fusion
         self.in_features, self.out_features = weight.shape[::-1] if not self.fan_in_fan_out else weight.shape
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
@@ -155,14 +157,17 @@ class LoraLinear(LoraLayer):
                            self.scaling[name])
 
     def fused_adapter(self) -> str | None:
-        """The one adapter to run as a single fused node, or None when the general path is needed."""
-        if self.disabled or self.batch_adapter_names is not None or type(self.base_layer) is not nn.Linear:
+        """The one adapter to run as a single fused node, or None when the general path is needed.
+
+        Called on every forward of every adapted linear, so it only reads plain attributes.
+        """
+        if self.disabled or self.batch_adapter_names is not None or self.merged_adapters or not self.plain_linear:
             return None
-        names = self.unmerged_active()
-        if len(names) != 1 or self.merged:
+        active = self.active_adapters
+        if len(active) != 1 or active[0] not in self.r:
             return None
-        dropout = self.lora_dropout[names[0]]
-        return names[0] if isinstance(dropout, nn.Identity) or not self.training else None
+        name = active[0]
+        return name if not (self.training and self.dropout_p[name] > 0) else None
 
     def make_factors(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
