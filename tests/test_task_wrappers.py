@@ -74,3 +74,25 @@ def test_feature_extraction_and_causal_lm_wrappers():
     out = lm.generate(**model_inputs(batch=1, length=3), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
     assert lm.config is lm.get_base_model().config  # attribute access falls through
+
+
+def test_state_dict_helpers_and_layer_switches_match_hf_names():
+    import peft as hf
+
+    from peftkit import get_peft_model_state_dict, set_peft_model_state_dict
+
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    ours = get_peft_model(tiny_llama(), LoraConfig(**cfg))
+    torch.manual_seed(4)
+    theirs = hf.get_peft_model(tiny_llama(), hf.LoraConfig(**cfg))
+    state = hf.get_peft_model_state_dict(theirs)
+    assert set(get_peft_model_state_dict(ours)) == set(state)
+    set_peft_model_state_dict(ours, state)
+    x = model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**x).logits, theirs(**x).logits, atol=1e-6, rtol=1e-6)
+        ours.base_model.disable_adapter_layers()
+        torch.testing.assert_close(ours(**x).logits, tiny_llama()(**x).logits, atol=0, rtol=0)
+        ours.base_model.enable_adapter_layers()
+        torch.testing.assert_close(ours(**x).logits, theirs(**x).logits, atol=1e-6, rtol=1e-6)

@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from peftkit.config import PeftConfig, TaskType  # noqa: E402
+from peftkit.io.hf_format import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from peftkit.methods.lora import LoraConfig  # noqa: E402
 from peftkit.peft_model import (  # noqa: E402
     PeftModel,
@@ -19,5 +20,5 @@ __all__ = [
     "PeftConfig", "TaskType", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
-    "get_method", "list_methods",
+    "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",
 ]

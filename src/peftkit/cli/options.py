@@ -97,7 +97,8 @@ def add_dataclass_flags(group, cls: type, skip: set[str], taken: set[str]) -> li
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name in taken or not f.init:
             continue
-        group.add_argument(flag_name(f.name), dest=f.name, **flag_kwargs(hints[f.name], f.metadata.get("help", "")))
+        flag = "--" + f.metadata["flag"] if "flag" in f.metadata else flag_name(f.name)
+        group.add_argument(flag, dest=f.name, **flag_kwargs(hints[f.name], f.metadata.get("help", "")))
         taken.add(f.name)
         added.append(f.name)
     return added

@@ -169,6 +169,14 @@ class AdapterModel(nn.Module):
             for key, names in merged.items():
                 self.model.get_submodule(key).merge(names)
 
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until ``enable_adapter_layers`` (merged ones are unmerged)."""
+        self.unmerge_adapter()
+        self._set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_disabled(False)
+
     def _set_disabled(self, flag: bool) -> None:
         for _, layer in self.adapter_layers():
             layer.disabled = flag

@@ -37,6 +37,20 @@ def to_hf_state_dict(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
     return {k: t.detach().contiguous().clone() for k, t in adapter_tensor_map(adapter_model, name).items()}
 
 
+def get_peft_model_state_dict(model: Any, state_dict: dict | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """HF PEFT's function of the same name: the adapter's tensors under their file keys."""
+    if state_dict is not None:
+        raise ValueError("passing state_dict is not supported; call without it to read the live model")
+    return to_hf_state_dict(getattr(model, "base_model", model), adapter_name)
+
+
+def set_peft_model_state_dict(model: Any, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", strict: bool = True) -> list[str]:
+    """HF PEFT's function of the same name: load file-keyed tensors into adapter ``adapter_name``."""
+    return load_state(getattr(model, "base_model", model), adapter_name, peft_model_state_dict, strict)
+
+
 def save_weights(state: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 

@@ -249,6 +249,7 @@ class Trainer:
         return batches
 
     def _optimizer_step(self, batches: list[dict]) -> tuple[float, int, float]:
+        self.state["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         items = [count_items(b, self.args.task) for b in batches]
         total, loss_value, tokens = max(sum(items), 1), 0.0, 0
         for batch, n in zip(batches, items):
@@ -297,7 +298,7 @@ class Trainer:
         if step % self.args.logging_steps and step != self.total_steps:
             return None
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": window[0] / window[1],
-                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "lr": self.state["lr"], "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "elapsed_s": round(self.state["elapsed"], 3)}
         self.state["window"] = [0.0, 0]
         self.state["last_train_loss"] = record["loss"]
