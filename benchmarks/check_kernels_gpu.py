@@ -39,7 +39,7 @@ def run_op(fn, inputs, grad_out_seed=0):
     gen = torch.Generator(device=out.device).manual_seed(grad_out_seed)
     cot = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
     wrt = [t for t in ins if t.requires_grad]
-    grads = torch.autograd.grad(out, wrt, cot)
+    grads = torch.autograd.grad(out, wrt, cot) if wrt else []
     return [out.detach(), *grads]
 
 
@@ -94,6 +94,7 @@ def check_all(device, dtype, small):
     compare("silu_mul", sw.silu_mul, sw.silu_mul_reference, [g, u], as64([g, u]), rows)
     check_rope(device, dtype, small, rows)
     check_loss(device, dtype, small, rows)
+    check_expand(device, dtype, small, rows)
     check_lora(device, dtype, small, rows)
     return rows
 
@@ -129,6 +130,65 @@ def check_loss(device, dtype, small, rows):
     compare("causal_lm_loss", fast, ref, [hidden], as64([hidden]), rows)
 
 
+def check_expand(device, dtype, small, rows):
+    n, fout, r = (37, 30, 5) if small else (8192, 4096, 16)
+    p, q, bias = make(device, dtype, (n, r), (r, fout), (fout,), grads=[False] * 3, seed=6)
+    compare("low_rank_expand", lambda p, q, b: ll.low_rank_expand(p, q, b),
+            lambda p, q, b: torch.addmm(b, p, q), [p, q, bias], as64([p, q, bias]), rows)
+
+
+def bench_expand(device):
+    """Write bandwidth of the rank-16 expand, cuBLAS vs the Triton kernel per tile shape."""
+    print("\nlow_rank_expand (8192 x 16) @ (16 x out), bf16, GB/s written (median of 50)")
+    configs = [(128, 128, 4), (64, 256, 4), (128, 256, 8), (256, 128, 8), (64, 128, 4)]
+    print(f"{'out':>6} {'cublas':>8} " + " ".join(f"{bm}x{bn}/w{w}".rjust(12) for bm, bn, w in configs))
+    saved = ll._EXPAND_BLOCK, ll._EXPAND_WARPS
+    for fout in (512, 2048, 8192, 14336):
+        p, q = make(device, torch.bfloat16, (8192, 16), (16, fout), grads=[False, False], seed=7)
+        gbs = lambda ms: 8192 * fout * 2 / ms / 1e6  # noqa: E731
+        cells = [gbs(bench_ms(lambda: p @ q))]
+        for bm, bn, w in configs:
+            ll._EXPAND_BLOCK, ll._EXPAND_WARPS = (bm, bn), w
+            cells.append(gbs(bench_ms(lambda: ll.low_rank_expand(p, q))))
+        print(f"{fout:6d} " + " ".join(f"{c:8.0f}" if i == 0 else f"{c:12.0f}" for i, c in enumerate(cells)))
+    ll._EXPAND_BLOCK, ll._EXPAND_WARPS = saved
+
+
+def bench_ms(fn, reps=50):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_cost(device, reps=300):
+    """Host microseconds per forward+backward of one small layer: lora_linear vs a frozen linear."""
+    import time
+    x = torch.randn(64, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
+    a = torch.randn(16, 256, device=device, requires_grad=True)
+    bb = torch.randn(256, 16, device=device, requires_grad=True)
+    cases = {"frozen linear": lambda: torch.nn.functional.linear(x, w),
+             "lora_linear": lambda: ll.lora_linear(x, w, None, a, bb, 1.0),
+             "lora reference": lambda: ll.lora_linear_reference(x, w, None, a.to(x.dtype), bb.to(x.dtype), 1.0)}
+    print("\nhost cost per forward+backward (us), GPU work negligible")
+    for name, fn in cases.items():
+        for i in range(2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn().sum().backward()
+            torch.cuda.synchronize()
+        print(f"  {name:15} {(time.perf_counter() - t0) / reps * 1e6:7.1f}")
+
+
 def check_lora(device, dtype, small, rows):
     n, fin, fout, r = (24, 40, 30, 4) if small else (8192, 4096, 4096, 16)
     x, w, a, bb = make(device, dtype, (n, fin), (fout, fin), (r, fin), (fout, r),
@@ -136,6 +196,9 @@ def check_lora(device, dtype, small, rows):
     fast = lambda x, a, bb: ll.lora_linear(x, w, None, a, bb, 1.0)  # noqa: E731
     ref = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), None, a, bb, 1.0)  # noqa: E731
     compare("lora_linear", fast, ref, [x, a, bb], as64([x, a, bb]), rows)
+    a32, bb32 = (t.detach().float().requires_grad_() for t in (a, bb))  # float32 adapter, as trained
+    ref32 = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), None, a.to(x.dtype), bb.to(x.dtype), 1.0)  # noqa: E731
+    compare("lora_fp32_adapter", fast, ref32, [x, a32, bb32], as64([x, a32, bb32]), rows)
 
 
 def print_table(rows, device):
@@ -152,8 +215,12 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (for the CPU interpreter)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--bench", action="store_true", help="also time the expand tiles and host costs")
     args = parser.parse_args()
     rows = check_all(args.device, getattr(torch, args.dtype), args.small)
+    if args.bench:
+        bench_expand(args.device)
+        host_cost(args.device)
     print_table(rows, args.device)
     sys.exit(0 if all(r[4] for r in rows) else 1)
 

@@ -14,6 +14,9 @@ no attention mask: causal SDPA):
                  (input embeddings require grad), patched like peftkit: our ceiling
   frozen_hf      the same, unpatched: transformers' own ceiling
   peftkit_plain  (diagnostic, not run by default) peftkit's LoRA without patch_model
+  *_graph        the same contender with the whole step (forward, backward, optimizer) recorded
+                 once as a CUDA graph and replayed (peftkit.kernels.graph_train_step); with
+                 checkpointing, preserve_rng_state=False (no dropout, so no RNG to replay)
 
 FLOPs per token = 4 x frozen matmul params + 6 x trainable params + attention, where frozen
 matmul params are the decoder's linear weights plus the LM head (the embedding lookup is not a
@@ -42,7 +45,8 @@ SHAPES = {  # hidden, layers, ffn, heads, kv heads, vocab, tied embeddings, batc
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, batch=(2, 32)),
 }
 DEVICE = "cuda"  # --device cpu runs the tiny shape as a smoke test of this script
-CONTENDERS = ["peftkit", "hf_peft", "frozen", "frozen_hf"]
+CONTENDERS = ["peftkit", "hf_peft", "frozen", "frozen_hf", "peftkit_graph", "frozen_graph"]
+GRAPH = "_graph"
 
 
 @dataclass
@@ -89,8 +93,11 @@ def lora_kwargs() -> dict:
 
 def prepare(contender: str, model, checkpointing: bool):
     """Wrap `model` for one contender; returns (model to call, optimizer or None)."""
+    graphed = contender.endswith(GRAPH)
+    contender = contender.removesuffix(GRAPH)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False} | ({"preserve_rng_state": False} if graphed else {})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if contender in ("frozen", "frozen_hf"):
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -151,12 +158,30 @@ def peak_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def time_steps(model, opt, batch, steps: int, warmup: int) -> tuple[float, list[float]]:
+def stepper(model, opt, batch, warmup: int, graphed: bool):
+    """(step function of a batch returning a loss to keep, losses of the warm-up steps)."""
+    warm = []
+
+    def step(b):
+        loss = train_step(model, opt, b)
+        warm.append(loss.clone())  # during the capture this records a placeholder, dropped below
+        return loss
+
+    replay = step
+    if graphed:
+        from peftkit.kernels import graph_train_step
+        replay = graph_train_step(step, batch, optimizers=[opt] if opt is not None else [], warmup=warmup)
+    if replay is step:  # eager, or no CUDA to record on
+        return (lambda b: train_step(model, opt, b)), [step(batch) for _ in range(warmup)]
+    return (lambda b: replay(b).clone()), warm[:warmup]
+
+
+def time_steps(model, opt, batch, steps: int, warmup: int, graphed: bool = False) -> tuple[float, list[float]]:
     """(seconds per step, losses of every step, warm-up included)."""
-    losses = [train_step(model, opt, batch) for _ in range(warmup)]
+    step, losses = stepper(model, opt, batch, warmup, graphed)
     sync()
     t0 = time.perf_counter()
-    losses += [train_step(model, opt, batch) for _ in range(steps)]
+    losses += [step(batch) for _ in range(steps)]
     sync()
     return (time.perf_counter() - t0) / steps, [x.item() for x in losses]
 
@@ -179,12 +204,12 @@ def run_contender(contender, shape, checkpointing, args, peak) -> Result:
     try:
         model, opt = prepare(contender, build_model(shape), checkpointing)
         batch = make_batch(shape)
-        step_s, losses = time_steps(model, opt, batch, args.steps, args.warmup)
+        step_s, losses = time_steps(model, opt, batch, args.steps, args.warmup, contender.endswith(GRAPH))
         flops, _, _ = flops_per_token(model, shape)
         if contender in args.profile.split(",") and args.profile_checkpointing in ("both", ("off", "on")[checkpointing]):
             profile(model, opt, batch, f"{args.out_prefix}profile_{contender}_{shape}_ckpt{int(checkpointing)}.txt")
-    except torch.OutOfMemoryError:
-        res.note = "OOM"
+    except (torch.OutOfMemoryError, RuntimeError) as err:  # RuntimeError: a failed graph capture
+        res.note = "OOM" if isinstance(err, torch.OutOfMemoryError) else f"failed: {str(err)[:160]}"
         model = opt = batch = None
         free_memory()
         return res
@@ -215,6 +240,29 @@ def profile(model, opt, batch, path: str, steps: int = 2):
     print(f"  profile -> {path}\n" + "\n".join(table.splitlines()[:22]), flush=True)
 
 
+def sync_report(contender: str, shape: str, checkpointing: bool):
+    """One eager step under torch.cuda.set_sync_debug_mode("warn"): where does the host wait?"""
+    import collections
+    import warnings
+
+    model, opt = prepare(contender.removesuffix(GRAPH), build_model(shape), checkpointing)
+    batch = make_batch(shape)
+    train_step(model, opt, batch)  # first step: lazy initialisation is allowed to sync
+    sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(model, opt, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"sync check {contender} {shape} ckpt {checkpointing}: {sum(where.values())} synchronizing calls "
+          f"in one step" + "".join(f"\n  {n:4d} x {loc}" for loc, n in where.most_common(8)), flush=True)
+    del model, opt
+    free_memory()
+
+
 # ----------------------------------------------------------------------------- loss agreement
 def lora_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -233,23 +281,25 @@ def loss_curve(contender, shape, steps, lr, start_state):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     state = lora_state(model)
     batch = make_batch(shape)
-    losses = [train_step(model, opt, batch).item() for _ in range(steps)]
+    step, losses = stepper(model, opt, batch, 1, contender.endswith(GRAPH))
+    losses = [x.item() for x in losses + [step(batch) for _ in range(steps - 1)]]
     del model, opt
     free_memory()
     return losses, state
 
 
-def loss_agreement(shape: str, steps: int = 20, lr: float = 1e-3) -> float:
+def loss_agreement(shape: str, steps: int = 20, lr: float = 1e-3, ours: str = "peftkit,peftkit_graph") -> float:
     """Same adapter start, same batch, same optimizer: per-step loss of peftkit vs HF PEFT."""
     ref, start = loss_curve("hf_peft", shape, steps, lr, None)
-    ours, _ = loss_curve("peftkit", shape, steps, lr, start)
+    names = ours.split(",")
+    curves = [loss_curve(name, shape, steps, lr, start)[0] for name in names]
     print(f"\nloss agreement on {shape}, {steps} steps, AdamW lr {lr}, same adapter start and batch")
-    print(f"{'step':>4} {'hf_peft':>10} {'peftkit':>10} {'rel diff':>9}")
+    print(f"{'step':>4} {'hf_peft':>10} " + " ".join(f"{n:>13} {'rel diff':>9}" for n in names))
     worst = 0.0
-    for i, (a, b) in enumerate(zip(ref, ours)):
-        rel = abs(a - b) / abs(a)
-        worst = max(worst, rel)
-        print(f"{i:4d} {a:10.5f} {b:10.5f} {rel:9.2e}")
+    for i, a in enumerate(ref):
+        rels = [abs(a - c[i]) / abs(a) for c in curves]
+        worst = max([worst, *rels])
+        print(f"{i:4d} {a:10.5f} " + " ".join(f"{c[i]:13.5f} {r:9.2e}" for c, r in zip(curves, rels)))
     print(f"max relative difference {worst:.2e} (target <= 1e-2): {'met' if worst <= 1e-2 else 'NOT met'}")
     return worst
 
@@ -269,13 +319,12 @@ def print_table(results: list[Result], peak: float):
 def print_ratios(results: list[Result]):
     print("\nratios (peftkit / other): tokens/s, peak memory")
     keyed = {(r.shape, r.checkpointing, r.contender): r for r in results}
+    against = {"peftkit": ("hf_peft", "frozen", "frozen_hf"), "peftkit_graph": ("hf_peft", "frozen_graph")}
     for (shape, ckpt, name), ours in keyed.items():
-        if name != "peftkit":
-            continue
-        for other in ("hf_peft", "frozen", "frozen_hf"):
+        for other in against.get(name, ()):
             r = keyed.get((shape, ckpt, other))
             if r is not None:
-                print(f"  {shape} ckpt {'on ' if ckpt else 'off'} vs {other:9}: "
+                print(f"  {shape} ckpt {'on ' if ckpt else 'off'} {name:13} vs {other:12}: "
                       f"{ours.tokens_per_s / r.tokens_per_s:5.2f}x speed, {ours.peak_gib / r.peak_gib:5.2f}x memory")
 
 
@@ -291,12 +340,17 @@ def main():
     parser.add_argument("--profile-checkpointing", default="off", choices=["both", "on", "off"])
     parser.add_argument("--out-prefix", default="", help="prefix (folder/) for profile and JSON files")
     parser.add_argument("--device", default="cuda", help="cpu: smoke-test this script (--shapes tiny)")
+    parser.add_argument("--sync-check", default="", help="contenders to run one step of under sync debug mode")
+    parser.add_argument("--loss-contenders", default="peftkit,peftkit_graph", help="checked against hf_peft")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     peak = peak_matmul_tflops()
     print(f"peak bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
+    for contender in filter(None, args.sync_check.split(",")):
+        for ckpt in ckpts:
+            sync_report(contender, args.shapes.split(",")[0], ckpt)
     results = []
     for shape in args.shapes.split(","):
         for ckpt in ckpts:
@@ -305,7 +359,7 @@ def main():
                 results.append(run_contender(contender, shape, ckpt, args, peak))
                 print(f"{asdict(results[-1])}  ({time.time() - t0:.0f}s)", flush=True)
     if args.loss_check != "none":
-        loss_agreement(args.loss_check)
+        loss_agreement(args.loss_check, ours=args.loss_contenders)
     print_table(results, peak)
     with open(f"{args.out_prefix}results.json", "w") as fh:
         json.dump([asdict(r) for r in results], fh, indent=1)

@@ -85,3 +85,12 @@ def test_torch_compile_fullgraph():
     y.sum().backward()
     torch.testing.assert_close(y, lora_linear_reference(x, w, b, a, bb, 0.5))
     assert a.grad is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_low_rank_expand_is_addmm(bias):
+    from peftkit.kernels.lora_linear import low_rank_expand
+    g = torch.Generator().manual_seed(1)
+    p, q, b = torch.randn(9, 5, generator=g), torch.randn(5, 13, generator=g), torch.randn(13, generator=g)
+    want = torch.addmm(b, p, q) if bias else p @ q
+    torch.testing.assert_close(low_rank_expand(p, q, b if bias else None), want)

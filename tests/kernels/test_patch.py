@@ -83,3 +83,23 @@ def test_without_labels_and_after_unpatch_logits_come_back():
     assert model(**batch, labels=labels, return_dict=False)[0].ndim == 0
     unpatch_model(model)
     assert model(**batch, labels=labels).logits is not None
+
+
+def test_unmasked_rows_skip_mask_building_and_keep_the_loss(monkeypatch):
+    from transformers import masking_utils
+
+    plain = tiny_llama(attn_implementation="sdpa").train()
+    patched = copy.deepcopy(plain)
+    patch_model(patched)
+    built, original = [], masking_utils._preprocess_mask_arguments
+    monkeypatch.setattr(masking_utils, "_preprocess_mask_arguments",
+                        lambda *a, **k: built.append(1) or original(*a, **k))
+    batch = {k: v for k, v in _batch().items() if k != "attention_mask"}  # plain causal rows
+    out_a, grads_a = _loss_and_grads(plain, batch)
+    out_b, grads_b = _loss_and_grads(patched, batch)
+    assert len(built) == 1 and out_b.logits is None  # the unpatched model built its mask; we did not
+    torch.testing.assert_close(out_b.loss, out_a.loss)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    patched(**_batch())  # with an attention_mask the family's own mask is built
+    assert len(built) == 2

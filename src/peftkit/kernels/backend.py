@@ -21,3 +21,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return all((t.is_cuda or interpret) and t.dtype != torch.float64 for t in tensors)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks of `b` cover `a` (a kernel grid's size)."""
+    return (a + b - 1) // b

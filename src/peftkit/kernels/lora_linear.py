@@ -6,7 +6,9 @@ Forward (three matmuls, no (N, out) temporary beyond y itself):
     Bs = s B^T                           (r, out)   one small cast; contiguous, which cuBLAS
                                                     runs ~2x faster than a transposed view here
     xa = x A^T                           (N, r)
-    y  = addmm(b, xa, Bs)                (N, out)   the low-rank term first ...
+    y  = xa Bs + b                       (N, out)   the low-rank term first (low_rank_expand:
+                                                    one Triton kernel at write bandwidth; cuBLAS
+                                                    runs this K = r product at ~40% of it) ...
     y += x W^T                           in place: addmm_ with beta=1, so the big matmul reads
                                          the low-rank term in its epilogue instead of a
                                          separate memory-bound pass adding it afterwards
@@ -16,19 +18,28 @@ parameters.
 
 Backward, chain rule with g = dL/dy (N, out):
     gb = g Bs^T = s g B                  (N, r)        dL/d(xa)
-    dx = gb A + g W                      (N, in)       gb A first, then addmm_ (beta=1) adds g W
+    dx = gb A + g W                      (N, in)       gb A first (low_rank_expand), then
+                                                       addmm_ (beta=1) adds g W
     dA = gb^T x                          (r, in)
     dB = s g^T xa                        (out, r)
 W and b are frozen: their gradients are never formed.
 
 The adapter may be kept in float32 while activations are bf16: A and B are cast to the
 activation dtype (r x in and out x r copies, tiny), activations are never upcast, and the
-gradients are returned in the adapter's own dtype.
+gradients are returned in the adapter's own dtype (on CUDA dA and dB come out of cuBLAS in
+float32 directly: one kernel each, no bf16 rounding of the gradient).
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import triton_kernels as tk
+from .backend import cdiv, use_triton
+
+_EXPAND_BLOCK = (128, 128)  # (rows, columns) of Y per program in low_rank_expand
+_EXPAND_WARPS = 4
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) works here (set False on the first failure)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
@@ -36,6 +47,40 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> to
     y = torch.nn.functional.linear(x, weight, bias)
     lora = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B)
     return y + scaling * lora
+
+
+def mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """`scale * a @ b` in `dtype` (the adapter's): for bf16 inputs and a float32 adapter, cuBLAS writes
+    its float32 accumulators directly (one kernel, no bf16 rounding) where torch has `out_dtype`."""
+    global _MM_OUT_DTYPE
+    out = None
+    if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            out = torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError):  # this torch has no mm(out_dtype=...): cast instead
+            _MM_OUT_DTYPE = False
+    if out is None:
+        out = (a @ b).to(dtype)
+    return out if scale == 1.0 else out.mul_(scale)
+
+
+def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`p @ q (+ bias)` for a small inner dimension: p (M, r), q (r, N), bias (N,) -> (M, N).
+
+    One Triton kernel on CUDA for r <= 64; matmul / addmm otherwise (the reference).
+    """
+    if not (use_triton(p, q) and p.shape[1] <= 64 and p.dtype == q.dtype):
+        return p @ q if bias is None else torch.addmm(bias, p, q)
+    p, q = p.contiguous(), q.contiguous()
+    (m, r), n = p.shape, q.shape[1]
+    y = p.new_empty(m, n)                                    # (M, N)
+    bm, bn = _EXPAND_BLOCK
+    grid = (cdiv(m, bm), cdiv(n, bn))
+    tk.low_rank_expand[grid](p, q, bias if bias is not None else p, y, m, n, r, HAS_BIAS=bias is not None,
+                             PRECISION="ieee" if p.dtype == torch.float32 else "tf32",
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
+                             num_warps=_EXPAND_WARPS)
+    return y
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -46,7 +91,7 @@ class _LoraLinear(torch.autograd.Function):
         Bs = x.new_empty(lora_B.shape[::-1])                 # (r, out)
         torch.mul(lora_B.t(), scaling, out=Bs)               # s B^T, cast in the same kernel
         xa = x2 @ A.t()                                      # (N, r)
-        y = xa @ Bs if bias is None else torch.addmm(bias.to(x.dtype), xa, Bs)  # (N, out)
+        y = low_rank_expand(xa, Bs, None if bias is None else bias.to(x.dtype))  # (N, out)
         y.addmm_(x2, weight.t())                             # y += x W^T
         ctx.save_for_backward(x2, xa, weight, A, Bs)
         ctx.scaling = scaling
@@ -60,13 +105,12 @@ class _LoraLinear(torch.autograd.Function):
         gb = g @ Bs.t()                                      # (N, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = (gb @ A).addmm_(g, weight)                  # (N, in)
+            dx = low_rank_expand(gb, A).addmm_(g, weight)    # (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
-            dA = (gb.t() @ x2).to(ctx.adapter_dtypes[0])     # (r, in)
+            dA = mm_as(gb.t(), x2, ctx.adapter_dtypes[0])    # (r, in)
         if ctx.needs_input_grad[4]:
-            dB = torch.empty(Bs.shape[::-1], dtype=ctx.adapter_dtypes[1], device=g.device)
-            torch.mul(g.t() @ xa, ctx.scaling, out=dB)       # (out, r)
+            dB = mm_as(g.t(), xa, ctx.adapter_dtypes[1], ctx.scaling)  # (out, r)
         return dx, None, None, dA, dB, None
 
 

@@ -11,6 +11,12 @@ transformers import is needed here) and leaves every parameter and state-dict ke
                                              other caller still gets transformers' function
   * ...ForCausalLM called with labels     -> fused_causal_lm_loss on the last hidden state;
                                              `logits` is then None (they are never formed)
+  * ... and, when called without attention_mask, position_ids, cache_position or a cache,
+    with SDPA attention                   -> no causal mask: SDPA's is_causal, which is what
+                                             transformers picks for such rows too, but it first
+                                             checks position_ids for packed sequences: a host
+                                             sync every step, and under CUDA-graph capture
+                                             (where it cannot check) a full (B, 1, S, S) mask
 
 Calls the fast path cannot serve (positional arguments, logits_to_keep, an adapted lm_head)
 go to the model's own forward. Adapters may be added before or after patching.
@@ -37,6 +43,8 @@ GATED_MLPS = {f"{f}MLP" for f in _FAMILIES}
 CAUSAL_LMS = {f"{f}ForCausalLM" for f in _FAMILIES}
 ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
 _ROPE = threading.local()  # .depth > 0 while a patched attention's forward runs
+_UNMASKED = threading.local()  # .depth > 0 while a patched causal LM runs on plain causal rows
+_MASK_INPUTS = ("attention_mask", "position_ids", "cache_position", "past_key_values", "inputs_embeds")
 _SILU = ("SiLU", "SiLUActivation")
 
 
@@ -92,6 +100,30 @@ def _install_rope(attention: nn.Module) -> bool:
     return True
 
 
+def _mask_dispatcher(original):
+    def create_causal_mask(*args, **kwargs):
+        if getattr(_UNMASKED, "depth", 0) > 0:
+            return None  # every row is one unpadded sequence from position 0: SDPA's is_causal
+        return original(*args, **kwargs)
+
+    create_causal_mask.peftkit_original = original
+    return create_causal_mask
+
+
+def _install_mask(causal_lm: nn.Module) -> None:
+    """Route the family's create_causal_mask through the dispatcher, where it has one."""
+    family = sys.modules.get(type(causal_lm.model).__module__)
+    current = getattr(family, "create_causal_mask", None)
+    if current is not None and not hasattr(current, "peftkit_original"):
+        family.create_causal_mask = _mask_dispatcher(current)
+
+
+def _plain_causal_rows(model: nn.Module, kwargs: dict) -> bool:
+    """True when the mask can only be the causal one: nothing that pads, packs or offsets rows."""
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    return sdpa and all(kwargs.get(k) is None for k in _MASK_INPUTS)
+
+
 def _causal_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     head = self.lm_head
     plain_head = type(head) is nn.Linear and head.bias is None
@@ -100,7 +132,12 @@ def _causal_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     kwargs.pop("logits_to_keep", None)
     return_dict = kwargs.pop("return_dict", None)
     num_items = kwargs.pop("num_items_in_batch", None)
-    outputs = self.model(input_ids=input_ids, **kwargs)
+    unmasked = _plain_causal_rows(self, kwargs)
+    _UNMASKED.depth = getattr(_UNMASKED, "depth", 0) + unmasked
+    try:
+        outputs = self.model(input_ids=input_ids, **kwargs)
+    finally:
+        _UNMASKED.depth -= unmasked
     loss = fused_causal_lm_loss(outputs.last_hidden_state, head.weight, labels,
                                 num_items_in_batch=num_items)
     result = _causal_lm_output(loss, outputs)
@@ -134,6 +171,7 @@ def patch_model(model: nn.Module) -> PatchReport:
         elif kind in ATTENTIONS and _install_rope(module):
             report.rope.append(name)
         elif kind in CAUSAL_LMS:
+            _install_mask(module)
             module.forward = types.MethodType(_causal_lm_forward, module)
             report.causal_lm_loss.append(name)
     return report

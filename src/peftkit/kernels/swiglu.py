@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_kernels as tk
-from .backend import use_triton
+from .backend import cdiv, use_triton
 
 _BLOCK = 2048
 
@@ -30,7 +30,7 @@ class _SiluMul(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         h = torch.empty_like(gate)
         n = gate.numel()
-        tk.silu_mul_fwd[(triton_cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK)
+        tk.silu_mul_fwd[(cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
         return h
 
@@ -40,12 +40,8 @@ class _SiluMul(torch.autograd.Function):
         dh = dh.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        tk.silu_mul_bwd[(triton_cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+        tk.silu_mul_bwd[(cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK)
         return dgate, dup
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

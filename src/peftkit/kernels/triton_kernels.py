@@ -147,3 +147,27 @@ def rope_token(X, COS, SIN, Y, n_heads, seq, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s,
     yp = Y + b * sy_b + s * sy_s + heads * sy_h
     tl.store(yp + d, y1.to(Y.dtype.element_ty), mask=mask)
     tl.store(yp + HALF + d, y2.to(Y.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- LoRA rank-r expand
+@jit
+def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y = P Q (+ BIAS): P (M, r), Q (r, N), Y (M, N), contiguous, r <= BLOCK_R.
+
+    With K = r tiny the product is bound by writing Y: each program loads its rows of P and its
+    columns of Q once, does one dot, adds the bias in float32 and rounds once (as addmm does).
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_R)
+    row_ok, col_ok, k_ok = rows < n_rows, cols < n_cols, ks < rank
+    p = tl.load(P + rows[:, None].to(tl.int64) * rank + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)                 # (BM, BR)
+    q = tl.load(Q + ks[:, None] * n_cols + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0)                 # (BR, BN)
+    acc = tl.dot(p, q, input_precision=PRECISION)                                # (BM, BN) fp32
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * n_cols + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
