@@ -5,6 +5,7 @@ user's model, so parameter names (``base_model.model....``) match HF PEFT's.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -30,6 +31,7 @@ class PeftModel(nn.Module):
         peft_config = self._prepare_config(model, peft_config)
         self.base_model = AdapterModel(model, peft_config, adapter_name, autocast_adapter_dtype)
         self._maybe_enable_input_grads()
+        self.forward = _SignedForward(self)
 
     # -- attribute fall-through (as HF PEFT: model.config, model.device, ...) ------------------
     def __getattr__(self, name: str) -> Any:
@@ -202,6 +204,30 @@ class PeftModel(nn.Module):
         state = hf_format.read_weights(model_id)
         for note in hf_format.load_state(self.base_model, adapter_name, state, strict=strict):
             warnings.warn(note)
+
+
+class _SignedForward:
+    """``PeftModel.forward`` bound to one model, showing the base model's signature.
+
+    transformers.Trainer reads ``inspect.signature(model.forward)`` to decide which dataset columns
+    to keep; a bare ``(*args, **kwargs)`` would make it drop them all.
+    """
+
+    def __init__(self, owner: PeftModel) -> None:
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        base = inspect.signature(self.owner.get_base_model().forward)
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        tail = [p for p in base.parameters.values() if p.kind is p.VAR_KEYWORD]
+        if not any(p.name == "adapter_names" for p in params):
+            params.append(extra)
+        return base.replace(parameters=sorted(params, key=lambda p: p.kind) + tail)
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -1,0 +1,232 @@
+"""``peftkit train``: fine-tune a model with a PEFT method and save a complete run folder.
+
+With no arguments it trains LoRA on the bundled MiniLM encoder and review-sentiment data. Options
+come from ``--config FILE`` (YAML, see ``runconfig.py``) and flags, flags winning; every field of the
+chosen method's config is a flag (``peftkit train --method NAME --help`` lists them).
+
+Everything the user gave is checked (files, columns, labels, model folder, options) before the run
+folder is created. The folder then gets ``config.yaml`` first, checkpoints while training, and the
+finished files last, each written atomically:
+
+    RUN/adapter/              PeftModel.from_pretrained(base, "RUN/adapter")
+    RUN/config.yaml           peftkit train --config RUN/config.yaml  reruns it
+    RUN/metrics.jsonl         one JSON object per logged step / evaluation
+    RUN/training_curves.png   loss and held-out accuracy (or perplexity)
+    RUN/summary.json          task, method, metric, before, after, params, time, memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from peftkit.train import Trainer, seed_everything
+from peftkit.train.checkpoint import atomic_dir, atomic_write_text
+
+from . import common
+from .errors import UserError, did_you_mean
+from .options import add_dataclass_flags, load_yaml
+from .parser import Parser
+from .runconfig import METHOD_SKIP, TRAINING_SKIP, DataOptions, RunConfig, RunOptions, resolve
+from .runconfig import TrainingArguments
+
+SUMMARY = "summary.json"
+HELP = "fine-tune a model with a PEFT method (default: LoRA on the bundled MiniLM + review data)"
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def build_parser(spec) -> argparse.ArgumentParser:
+    parser = Parser(prog="peftkit train", description=HELP,
+                    epilog="Flags override the --config file; `peftkit methods` lists the methods.")
+    parser.add_argument("--config", metavar="FILE", help="YAML run config (e.g. a run folder's config.yaml)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    taken: set[str] = {"config", "resume"}
+    add_dataclass_flags(parser.add_argument_group("run"), RunOptions, set(), taken)
+    add_dataclass_flags(parser.add_argument_group("data"), DataOptions, set(), taken)
+    add_dataclass_flags(parser.add_argument_group("training"), TrainingArguments, TRAINING_SKIP, taken)
+    group = parser.add_argument_group(f"{spec.name} options")
+    add_dataclass_flags(group, spec.config_cls, METHOD_SKIP, taken)
+    return parser
+
+
+def method_spec(name: str):
+    from peftkit.registry import get_method, list_methods
+
+    if name not in list_methods():
+        raise UserError(f"unknown method {name!r}{did_you_mean(name, list_methods())}; "
+                        f"available: {', '.join(list_methods())}")
+    return get_method(name)
+
+
+def parse(argv: list[str]) -> tuple[RunConfig, Path | None]:
+    """Resolve flags + YAML into a RunConfig; also return the run folder for --resume."""
+    pre = Parser(add_help=False)
+    for flag in ("--config", "--method", "--resume"):
+        pre.add_argument(flag)
+    known, _ = pre.parse_known_args(argv)
+    resume_dir = Path(known.resume) if known.resume else None
+    yaml_doc = _resume_config(resume_dir, argv) if resume_dir else load_yaml(known.config) if known.config else {}
+    spec = method_spec(known.method or yaml_doc.get("method") or "lora")
+    flags = {k: v for k, v in vars(build_parser(spec).parse_args(argv)).items() if k not in ("config", "resume")}
+    return resolve(flags, yaml_doc, spec), resume_dir
+
+
+def _resume_config(run_dir: Path, argv: list[str]) -> dict:
+    if not (run_dir / common.RUN_CONFIG).is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run folder (no {common.RUN_CONFIG}); pass --resume the folder of a run")
+    extra = [a for a in argv if a.startswith("--") and a not in ("--resume", "--no-progress-bar")]
+    if extra:
+        raise UserError(f"--resume continues the run exactly as configured; drop {' '.join(extra)}")
+    return load_yaml(str(run_dir / common.RUN_CONFIG))
+
+
+# ------------------------------------------------------------------------------------------ the job
+@dataclasses.dataclass
+class Job:
+    cfg: RunConfig
+    model_path: Path
+    tokenizer: object
+    data: common.Data
+    model: object  # the PEFT-wrapped model
+
+
+def prepare(cfg: RunConfig) -> Job:
+    """Load and check everything the run needs; nothing is written yet."""
+    task, seed = cfg.run.task, cfg.training.seed
+    model_path = common.check_model_folder(cfg.run.model) if cfg.run.model else common.bundled_model_dir(task)
+    tokenizer = common.load_tokenizer(model_path)
+    data = common.build_data(task, tokenizer, cfg.data, seed)
+    seed_everything(seed)  # the classification head and the adapter start from the seed
+    base = common.load_classifier(model_path, data.label2id) if task == "classification" else common.load_causal_lm(model_path)
+    return Job(cfg, model_path, tokenizer, data, wrap(base, cfg))
+
+
+def wrap(base, cfg: RunConfig):
+    from peftkit import get_peft_model
+
+    try:
+        return get_peft_model(base, cfg.method_config)
+    except ValueError as err:
+        raise UserError(f"cannot apply {cfg.run.method} to the model: {' '.join(str(err).split())}") from None
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    if cfg.run.output_dir:
+        path = Path(cfg.run.output_dir)
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"output folder {str(path)!r} already exists and is not empty; choose a new "
+                            f"--output-dir, or continue it with --resume {path}")
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{cfg.run.task}-{cfg.run.method}-{stamp}"
+    n = 2
+    while path.exists():
+        path, n = Path("runs") / f"{cfg.run.task}-{cfg.run.method}-{stamp}-{n}", n + 1
+    return path
+
+
+def metric_name(task: str) -> str:
+    return "accuracy" if task == "classification" else "loss"
+
+
+def baseline(job: Job, trainer: Trainer, run_dir: Path) -> dict:
+    """Held-out metrics (and samples) of the untrained adapter, cached for --resume."""
+    path = run_dir / "checkpoints" / "baseline.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = {"metrics": trainer.evaluate(), "samples": samples(job)}
+    trainer.log.write({"step": 0, **{f"eval_{k}": v for k, v in result["metrics"].items()}})  # plotted at step 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result))
+    return result
+
+
+def samples(job: Job) -> list[str]:
+    if job.cfg.run.task != "causal-lm":
+        return []
+    questions = [r["question"] for r in job.data.eval_records if "question" in r][: job.cfg.data.num_samples]
+    return common.generate_answers(job.model, job.tokenizer, questions, job.cfg.data.max_new_tokens)
+
+
+def save_adapter(job: Job, run_dir: Path) -> None:
+    with atomic_dir(run_dir / "adapter") as tmp:
+        job.model.save_pretrained(str(tmp))
+        job.tokenizer.save_pretrained(str(tmp))
+
+
+def write_config(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = "# peftkit run config: `peftkit train --config config.yaml` reruns it (null model/data = bundled)\n"
+    atomic_write_text(run_dir / common.RUN_CONFIG, header + yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+
+
+def summary(job: Job, before: dict, after: dict, result, after_samples: list[str]) -> dict:
+    task, name = job.cfg.run.task, metric_name(job.cfg.run.task)
+    trainable, total = job.model.get_nb_trainable_parameters()
+    out = {"task": task, "method": job.cfg.run.method, "model": str(job.model_path), "metric": name,
+           "before": before["metrics"][name], "after": after[name], "before_metrics": before["metrics"],
+           "after_metrics": after, "trainable_params": trainable, "total_params": total,
+           "train_seconds": round(result.train_seconds, 3), "peak_memory_bytes": result.peak_memory_bytes,
+           "steps": result.global_step, "train_examples": len(job.data.train), "eval_examples": len(job.data.eval)}
+    if job.data.label2id is not None:
+        out["labels"] = list(job.data.label2id)
+    if task == "causal-lm":
+        questions = [r["question"] for r in job.data.eval_records if "question" in r]
+        out["samples"] = [{"question": q, "before": b, "after": a}
+                          for q, b, a in zip(questions, before["samples"], after_samples)]
+    return out
+
+
+def report(line: str) -> None:
+    print(line, flush=True)
+
+
+def show_metrics(label: str, metrics: dict) -> str:
+    return f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
+    job = prepare(cfg)
+    run_dir = resume_dir or new_run_dir(cfg)
+    report(f"{cfg.run.task} with {cfg.run.method} on {job.model_path}: {len(job.data.train)} training, "
+           f"{len(job.data.eval)} held-out examples")
+    job.model.print_trainable_parameters()
+    if resume_dir is None:
+        write_config(cfg, run_dir)
+    args = dataclasses.replace(cfg.training, output_dir=str(run_dir))
+    trainer = Trainer(job.model, args, job.data.train, job.data.eval, job.data.collate)
+    before = baseline(job, trainer, run_dir)
+    report(show_metrics("held-out before", before["metrics"]))
+    result = trainer.train(resume_from=resume_dir is not None)
+    reuse = result.eval_metrics and result.global_step == trainer.total_steps and not cfg.training.load_best_at_end
+    after = result.eval_metrics if reuse else trainer.evaluate()  # the last step was just evaluated
+    out = summary(job, before, after, result, samples(job))
+    save_adapter(job, run_dir)
+    atomic_write_text(run_dir / SUMMARY, json.dumps(out, indent=2) + "\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    print_outcome(out, run_dir)
+    return out
+
+
+def print_outcome(out: dict, run_dir: Path) -> None:
+    report(show_metrics("held-out after ", out["after_metrics"]))
+    report(f"held-out {out['metric']}: {out['before']:.4f} -> {out['after']:.4f} "
+           f"({out['steps']} steps, {out['train_seconds']:.1f} s)")
+    for sample in out.get("samples", []):
+        report(f"  Q: {sample['question']}\n    before: {sample['before']}\n    after:  {sample['after']}")
+    report(f"run folder: {run_dir}")
+
+
+def run(argv: list[str]) -> int:
+    cfg, resume_dir = parse(argv)
+    if resume_dir is not None and (resume_dir / SUMMARY).is_file():
+        report(f"{resume_dir} already finished; its results are in {resume_dir / SUMMARY}")
+        return 0
+    run_job(cfg, resume_dir)
+    return 0
