@@ -221,3 +221,19 @@ def test_all_linear_over_all_linear_shares_every_layer():
     assert nested_wrappers(model) == []
     layers = [m for _, m in model.get_base_model().named_modules() if isinstance(m, AdapterLayer)]
     assert len(layers) == 14 and all(set(m.adapter_names()) == {"default", "second"} for m in layers)
+
+
+def test_unset_targets_take_the_architecture_default_or_say_what_to_set():
+    from torch import nn
+
+    from peftkit import LoraConfig, get_peft_model
+    from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+
+    for builder, expected in ((tiny_llama, ["q_proj", "v_proj"]), (tiny_bert, ["query", "value"]),
+                              (tiny_gpt2, ["c_attn"])):
+        model = get_peft_model(builder(), LoraConfig())
+        assert model.peft_config["default"].target_modules == expected
+        wrapped = {k.split(".")[-1] for k, _ in model.base_model.adapter_layers()}
+        assert set(expected) <= wrapped
+    with pytest.raises(ValueError, match="target_modules is not set.*model type None"):
+        get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig())

@@ -49,6 +49,8 @@ class AdapterModel(nn.Module):
         """Inject a new adapter; on any error the model is left as it was."""
         self._check_new_name(name)
         spec = method_for_config(config)
+        if getattr(config, "target_modules", "absent") is None:
+            config.target_modules = targets.default_targets(self.model)
         keys = targets.find_targets(self.model, config, skip=self._save_module_keys())
         for entry in targets.unmatched_entries(config, keys):
             warnings.warn(f"target_modules entry {entry!r} matched no module; check its spelling")

@@ -19,6 +19,33 @@ ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
+# Default LoRA targets by ``config.model_type`` when a config leaves target_modules unset: the
+# attention query and value projections, as in the LoRA paper and HF PEFT's defaults.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                     "gemma2", "gemma3_text", "opt", "bart", "mbart", "gptj", "phi", "stablelm", "starcoder2",
+                     "olmo", "olmo2", "granite", "cohere", "whisper", "m2m_100", "marian", "pegasus"],
+                    ["q_proj", "v_proj"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "layoutlm", "ernie"],
+                    ["query", "value"]),
+    **dict.fromkeys(["t5", "mt5", "umt5"], ["q", "v"]),
+    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"], "deberta-v2": ["query_proj", "value_proj"], "mpt": ["Wqkv"],
+    "phi3": ["qkv_proj"], "chatglm": ["query_key_value"], "codegen": ["qkv_proj"],
+}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The usual targets for this architecture; raise naming what to set when there are none."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"target_modules is not set and peftkit has no default for model type "
+                         f"{model_type!r}: set target_modules (a list of names, a regex or 'all-linear'). "
+                         f"{describe_modules(model)}")
+    return list(DEFAULT_TARGETS[model_type])
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2 style Conv1D (a linear layer with its weight stored transposed)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
