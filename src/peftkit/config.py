@@ -104,7 +104,7 @@ class PeftConfig:
         data.update(overrides)
         if cls is PeftConfig:
             from peftkit.registry import get_method_by_peft_type
-            return get_method_by_peft_type(data.get("peft_type")).config_cls.from_dict(data)
+            return get_method_by_peft_type(data.get("peft_type"), data).config_cls.from_dict(data)
         return cls.from_dict(data)
 
     def copy(self) -> "PeftConfig":

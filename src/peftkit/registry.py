@@ -28,6 +28,9 @@ class MethodSpec:
     config_cls: type
     layer_rules: list[LayerRule] = field(default_factory=list)
     summary: str = ""
+    # Several methods may share one HF peft_type (LoRA and DoRA are both "LORA", told apart by
+    # use_dora): claims(config_dict) says whether a config of that type is this method's.
+    claims: Callable[[dict], bool] | None = None
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)
@@ -66,14 +69,17 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[name]
 
 
-def get_method_by_peft_type(peft_type: str | None) -> MethodSpec:
+def get_method_by_peft_type(peft_type: str | None, data: dict | None = None) -> MethodSpec:
+    """The method for a config's peft_type (and, where methods share one, its other fields)."""
     _ensure_loaded()
-    for spec in _METHODS.values():
-        if spec.peft_type == peft_type:
-            return spec
-    known = ", ".join(s.peft_type for s in _METHODS.values())
-    raise ValueError(f"adapter config has peft_type={peft_type!r}, which peftkit does not support; known: {known}")
+    candidates = [s for s in _METHODS.values() if s.peft_type == peft_type]
+    if not candidates:
+        known = ", ".join(sorted({s.peft_type for s in _METHODS.values()}))
+        raise ValueError(f"adapter config has peft_type={peft_type!r}, which peftkit does not support; known: {known}")
+    claimed = [s for s in candidates if s.claims and s.claims(data or {})]
+    return (claimed or [s for s in candidates if s.claims is None] or candidates)[0]
 
 
 def method_for_config(config: object) -> MethodSpec:
-    return get_method_by_peft_type(getattr(config, "peft_type", None))
+    data = config.to_dict() if hasattr(config, "to_dict") else {}
+    return get_method_by_peft_type(getattr(config, "peft_type", None), data)
