@@ -19,6 +19,7 @@ import torch
 
 from peftkit.kernels import cross_entropy as ce
 from peftkit.kernels import lora_linear as ll
+from peftkit.kernels import lora_shared as ls
 from peftkit.kernels import norm as rn
 from peftkit.kernels import rope as rp
 from peftkit.kernels import swiglu as sw
@@ -96,6 +97,7 @@ def check_all(device, dtype, small):
     check_loss(device, dtype, small, rows)
     check_expand(device, dtype, small, rows)
     check_lora(device, dtype, small, rows)
+    check_lora_shared(device, dtype, small, rows)
     return rows
 
 
@@ -201,6 +203,42 @@ def check_lora(device, dtype, small, rows):
     compare("lora_fp32_adapter", fast, ref32, [x, a32, bb32], as64([x, a32, bb32]), rows)
 
 
+def check_lora_shared(device, dtype, small, rows):
+    """q, k, v as one node (float32 adapters, as trained), outputs flattened into one tensor."""
+    n, fin, outs, r = (24, 40, (30, 12, 12), 4) if small else (8192, 2048, (2048, 512, 512), 16)
+    x, *ws = make(device, dtype, (n, fin), *[(o, fin) for o in outs], grads=[True] + [False] * 3, seed=8, scale=0.05)
+    ab = make(device, torch.float32, *[s for o in outs for s in ((r, fin), (o, r))], seed=9, scale=0.05)
+
+    def run(fn, cast):
+        def go(x, *ab):
+            layers = [(w.to(x.dtype), None, cast(a, x), cast(b, x), 0.5 + i) for i, (w, a, b) in
+                      enumerate(zip(ws, ab[0::2], ab[1::2]))]
+            return torch.cat([y.reshape(-1) for y in fn(x, layers)])
+        return go
+    fast = run(ls.lora_linears_shared, lambda t, x: t)
+    ref = run(ls.lora_linears_shared_reference, lambda t, x: t.to(x.dtype))
+    compare("lora_shared_qkv", fast, ref, [x, *ab], as64([x, *ab]), rows)
+
+
+def bench_shared(device):
+    """fwd+bwd ms of the 1B q,k,v and gate,up groups: n lora_linear calls vs one shared node."""
+    print("\nshared-input LoRA groups, 1B shapes, N=8192, r=16, bf16 / fp32 adapters (median ms fwd+bwd)")
+    for name, outs in (("qkv", (2048, 512, 512)), ("gate_up", (8192, 8192))):
+        x = torch.randn(8192, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
+        layers = [(torch.randn(o, 2048, device=device, dtype=torch.bfloat16) * 0.02, None,
+                   (torch.randn(16, 2048, device=device) * 0.02).requires_grad_(),
+                   (torch.randn(o, 16, device=device) * 0.02).requires_grad_(), 1.0) for o in outs]
+        cot = [torch.randn(8192, o, device=device, dtype=torch.bfloat16) for o in outs]
+
+        def step(fn):
+            ys = fn(x, layers)
+            torch.autograd.backward(ys, cot)
+        sep = bench_ms(lambda: step(lambda x, ls_: [ll.lora_linear(x, *layer) for layer in ls_]))
+        shared = bench_ms(lambda: step(ls.lora_linears_shared))
+        frozen = bench_ms(lambda: torch.autograd.backward([x @ w.t() for w, *_ in layers], cot))
+        print(f"  {name:8} separate {sep:7.3f}  shared {shared:7.3f}  (saved {sep - shared:6.3f})  frozen {frozen:7.3f}")
+
+
 def print_table(rows, device):
     print(f"\nkernel check on {device} (fused = {'triton' if use_triton(torch.empty(1, device=device)) else 'reference'})")
     print(f"{'op':26} {'rel fused':>10} {'rel ref':>10} {'bit-same':>9} {'ok':>4} {'fused ms':>9} {'ref ms':>8}")
@@ -220,6 +258,7 @@ def main():
     rows = check_all(args.device, getattr(torch, args.dtype), args.small)
     if args.bench:
         bench_expand(args.device)
+        bench_shared(args.device)
         host_cost(args.device)
     print_table(rows, args.device)
     sys.exit(0 if all(r[4] for r in rows) else 1)

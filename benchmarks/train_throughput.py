@@ -13,6 +13,8 @@ no attention mask: causal SDPA):
   frozen         no adapter, nothing trainable, backward through the activations only
                  (input embeddings require grad), patched like peftkit: our ceiling
   frozen_hf      the same, unpatched: transformers' own ceiling
+  peftkit_unshared (diagnostic, not run by default) peftkit with q,k,v and gate,up each run alone
+                 (run 5's path), for an A/B of lora_linears_shared in one process
   peftkit_plain  (diagnostic, not run by default) peftkit's LoRA without patch_model
   *_graph        the same contender with the whole step (forward, backward, optimizer) recorded
                  once as a CUDA graph and replayed (peftkit.kernels.graph_train_step); with
@@ -112,8 +114,12 @@ def prepare(contender: str, model, checkpointing: bool):
         import peftkit
         from peftkit.kernels import patch_model
         model = peftkit.get_peft_model(model, peftkit.LoraConfig(**lora_kwargs()))
-        if contender == "peftkit":
+        if contender in ("peftkit", "peftkit_unshared"):
             patch_model(model)
+        if contender == "peftkit_unshared":  # run 5's path: a (no-op) hook opts each projection out of sharing
+            for name, module in model.named_modules():
+                if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) and hasattr(module, "fused_adapter"):
+                    module.register_forward_pre_hook(lambda *args: None)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, fused=True)
 

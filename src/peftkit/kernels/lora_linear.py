@@ -67,16 +67,18 @@ def mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1
 def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`p @ q (+ bias)` for a small inner dimension: p (M, r), q (r, N), bias (N,) -> (M, N).
 
-    One Triton kernel on CUDA for r <= 64; matmul / addmm otherwise (the reference).
+    One Triton kernel on CUDA for r <= 64; matmul / addmm otherwise (the reference). p may be a
+    column slice of a wider matrix (row stride > r): it is read in place.
     """
     if not (use_triton(p, q) and p.shape[1] <= 64 and p.dtype == q.dtype):
         return p @ q if bias is None else torch.addmm(bias, p, q)
-    p, q = p.contiguous(), q.contiguous()
+    p = p if p.stride(1) == 1 else p.contiguous()
+    q = q.contiguous()
     (m, r), n = p.shape, q.shape[1]
     y = p.new_empty(m, n)                                    # (M, N)
     bm, bn = _EXPAND_BLOCK
     grid = (cdiv(m, bm), cdiv(n, bn))
-    tk.low_rank_expand[grid](p, q, bias if bias is not None else p, y, m, n, r, HAS_BIAS=bias is not None,
+    tk.low_rank_expand[grid](p, q, bias if bias is not None else p, y, m, n, r, p.stride(0), HAS_BIAS=bias is not None,
                              PRECISION="ieee" if p.dtype == torch.float32 else "tf32",
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
                              num_warps=_EXPAND_WARPS)

@@ -9,6 +9,9 @@ transformers import is needed here) and leaves every parameter and state-dict ke
                                              family module's `apply_rotary_pos_emb` (replaced
                                              once by a dispatcher) calls the fused kernel; any
                                              other caller still gets transformers' function
+  * LoRA linears sharing an input         -> lora_linears_shared (q, k, v; gate, up): one autograd
+    (peftkit LoraLinear, fused path)         node that reads the input once per pass; the modules
+                                             and their parameters stay as they are
   * ...ForCausalLM called with labels     -> fused_causal_lm_loss on the last hidden state;
                                              `logits` is then None (they are never formed)
   * ... and, when called without attention_mask, position_ids, cache_position or a cache,
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from .cross_entropy import fused_causal_lm_loss
+from .lora_shared import lora_linears_shared
 from .norm import rms_norm
 from .rope import apply_rope
 from .swiglu import silu_mul
@@ -67,15 +71,55 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    shared = _shared_lora(x, (self.gate_proj, self.up_proj))
+    gate, up = shared if shared is not None else (self.gate_proj(x), self.up_proj(x))
+    return self.down_proj(silu_mul(gate, up))
+
+
+def _fused_layer(module: nn.Module):
+    """(weight, bias, A, B, scaling) of a LoRA linear that would run lora_linear, else None."""
+    name = module.fused_adapter() if hasattr(module, "fused_adapter") else None
+    plain_call = "forward" not in module.__dict__ and not (module._forward_hooks or module._forward_pre_hooks)
+    if name is None or not plain_call:
+        return None
+    base = module.base_layer
+    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+
+
+def _shared_lora(x, modules) -> list | None:
+    """The modules' outputs on x from one lora_linears_shared node, or None if any can't take part."""
+    layers = [_fused_layer(m) for m in modules]
+    if any(layer is None for layer in layers):
+        return None
+    return lora_linears_shared(x, layers)
+
+
+class _Answer:
+    """Stands in for a projection's forward during one attention call: returns the output
+    computed ahead for exactly `x` (the same tensor object), else runs the module as usual."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor):
+        self.module, self.x, self.out = module, x, out
+
+    def __call__(self, inp, *args, **kwargs):
+        if inp is self.x and not args and not kwargs:
+            return self.out
+        return type(self.module).forward(self.module, inp, *args, **kwargs)
 
 
 def _attention_forward(self, *args, **kwargs):
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    projs = [getattr(self, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+    shared = _shared_lora(x, projs) if isinstance(x, torch.Tensor) and None not in projs else None
+    for proj, out in zip(projs, shared or ()):
+        proj.forward = _Answer(proj, x, out)
     _ROPE.depth = getattr(_ROPE, "depth", 0) + 1
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
         _ROPE.depth -= 1
+        for proj in projs if shared else ():
+            del proj.forward
 
 
 def _rope_dispatcher(original):

@@ -151,9 +151,9 @@ def rope_token(X, COS, SIN, Y, n_heads, seq, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s,
 
 # ----------------------------------------------------------------------------- LoRA rank-r expand
 @jit
-def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Y = P Q (+ BIAS): P (M, r), Q (r, N), Y (M, N), contiguous, r <= BLOCK_R.
+    """Y = P Q (+ BIAS): P (M, r) with row stride stride_p, Q (r, N), Y (M, N) contiguous, r <= BLOCK_R.
 
     With K = r tiny the product is bound by writing Y: each program loads its rows of P and its
     columns of Q once, does one dot, adds the bias in float32 and rounds once (as addmm does).
@@ -162,7 +162,7 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, HAS_BIAS: tl.constexpr,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_R)
     row_ok, col_ok, k_ok = rows < n_rows, cols < n_cols, ks < rank
-    p = tl.load(P + rows[:, None].to(tl.int64) * rank + ks[None, :],
+    p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + ks[None, :],
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)                 # (BM, BR)
     q = tl.load(Q + ks[:, None] * n_cols + cols[None, :],
                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)                 # (BR, BN)

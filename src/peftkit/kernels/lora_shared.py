@@ -1,0 +1,94 @@
+"""Several LoRA linears that read the same input (q, k, v; gate, up) as one autograd node.
+
+For i = 1..n, with the same x (N, in):
+
+    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T         W_i (out_i, in), A_i (r_i, in), B_i (out_i, r_i)
+
+Stacking the A's, A = [A_1; ...; A_n] (R, in), R = sum r_i, turns the n reads of x into one:
+
+Forward:
+    xa  = x A^T                        (N, R)      one pass over x instead of n
+    y_i = xa[:, i] Bs_i + b_i          (N, out_i)  low_rank_expand on the column slice, in place
+    y_i += x W_i^T                     addmm_ (beta=1), as in lora_linear
+
+Backward, g_i = dL/dy_i (N, out_i):
+    gb  = [g_1 Bs_1^T, ..., g_n Bs_n^T]  (N, R)
+    dx  = gb A + sum_i g_i W_i         (N, in)     one expand (K = R) then n addmm_ into the same
+                                                   buffer: no per-linear expand, and none of the
+                                                   adds autograd would do to sum the n dx's
+    dA  = gb^T x                       (R, in)     one pass over x; rows split back per adapter
+    dB_i = s_i g_i^T xa[:, i]          (out_i, r_i)
+
+Saved: x once, xa (N, R), the stacked A (R x in, small), W_i, Bs_i. The modules, parameters and
+state-dict keys are untouched: this only changes how their forwards are computed together.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .lora_linear import lora_linear_reference, low_rank_expand, mm_as
+
+
+def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
+    """The plain formula, one linear at a time; `layers` holds (weight, bias, A, B, scaling)."""
+    return [lora_linear_reference(x, *layer) for layer in layers]
+
+
+class _LoraLinearsShared(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scalings, *params):
+        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
+        weights, biases, As, Bs = (params[k::4] for k in range(4))
+        A = torch.cat([a.to(x.dtype) for a in As])                       # (R, in)
+        xa = x2 @ A.t()                                                  # (N, R)
+        ranks = [a.shape[0] for a in As]
+        bss = [torch.mul(b.t(), s, out=x.new_empty(b.shape[::-1])) for b, s in zip(Bs, scalings)]  # (r_i, out_i)
+        ys = []
+        for xa_i, bs, w, b in zip(xa.split(ranks, dim=1), bss, weights, biases):
+            y = low_rank_expand(xa_i, bs, None if b is None else b.to(x.dtype))  # (N, out_i)
+            ys.append(y.addmm_(x2, w.t()).view(*x.shape[:-1], w.shape[0]))
+        ctx.save_for_backward(x2, xa, A, *weights, *bss)
+        ctx.scalings, ctx.ranks = scalings, ranks
+        ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs)]
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, A, *rest = ctx.saved_tensors
+        n = len(ctx.ranks)
+        weights, bss = rest[:n], rest[n:]
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]                 # (N, out_i) each
+        gb = torch.cat([g @ bs.t() for g, bs in zip(gs, bss)], dim=1)    # (N, R)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = low_rank_expand(gb, A)                                  # (N, in)
+            for g, w in zip(gs, weights):
+                dx.addmm_(g, w)                                          # += g_i W_i
+            dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
+        common = functools.reduce(torch.promote_types, [a for a, _ in ctx.adapter_dtypes])
+        dA = mm_as(gb.t(), x2, common).split(ctx.ranks)                  # (r_i, in) each
+        out = []
+        for i, (g, xa_i) in enumerate(zip(gs, xa.split(ctx.ranks, dim=1))):
+            a_dtype, b_dtype = ctx.adapter_dtypes[i]
+            need_a, need_b = ctx.needs_input_grad[2 + 4 * i + 2], ctx.needs_input_grad[2 + 4 * i + 3]
+            da = dA[i].to(a_dtype) if need_a else None
+            db = mm_as(g.t(), xa_i, b_dtype, ctx.scalings[i]) if need_b else None   # (out_i, r_i)
+            out += [None, None, da, db]
+        return (dx, None, *out)
+
+
+def lora_linears_shared(x, layers) -> list[torch.Tensor]:
+    """`[lora_linear(x, *layer) for layer in layers]` as one node reading x once per pass.
+
+    layers: (weight, bias, lora_A, lora_B, scaling) per linear, all of the same `in` features.
+    Falls back to the plain formula where lora_linear would (trainable base, autocast, dtypes).
+    """
+    frozen = all(not w.requires_grad and (b is None or not b.requires_grad) for w, b, *_ in layers)
+    if not frozen or torch.is_autocast_enabled(x.device.type) or any(w.dtype != x.dtype for w, *_ in layers):
+        return lora_linears_shared_reference(x, layers)
+    scalings = tuple(float(layer[4]) for layer in layers)
+    params = [t for w, b, a, bb, _ in layers for t in (w, b, a, bb)]
+    return list(_LoraLinearsShared.apply(x, scalings, *params))
