@@ -5,22 +5,10 @@ it; a capability a method lacks is declared (``can_merge=False``) so the skip sh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from contract_case import MethodCase
 from peftkit import LoraConfig
-
-
-@dataclass
-class MethodCase:
-    name: str
-    make: Callable[..., Any]  # (target_modules, task_type, identity: bool, **overrides) -> config
-    can_merge: bool = True
-    supports_mixed_batch: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def config(self, targets: list[str], task: str, identity: bool = False, **overrides: Any) -> Any:
-        return self.make(targets, task, identity, **overrides)
 
 
 def _lora(targets: list[str], task: str, identity: bool, **overrides: Any) -> LoraConfig:
@@ -31,3 +19,9 @@ def _lora(targets: list[str], task: str, identity: bool, **overrides: Any) -> Lo
 
 
 CASES = [MethodCase("lora", _lora)]
+
+# Each further method keeps its row beside its own tests (tests/methods/<name>/case.py).
+from methods.dora.case import CASE as DORA_CASE  # noqa: E402
+from methods.ia3.case import CASE as IA3_CASE  # noqa: E402
+
+CASES += [DORA_CASE, IA3_CASE]

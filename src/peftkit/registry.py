@@ -31,6 +31,9 @@ class MethodSpec:
     # Several methods may share one HF peft_type (LoRA and DoRA are both "LORA", told apart by
     # use_dora): claims(config_dict) says whether a config of that type is this method's.
     claims: Callable[[dict], bool] | None = None
+    # Fills what a config leaves unset from the model (e.g. default targets per architecture).
+    prepare_config: Callable[[object, nn.Module], None] | None = None
+    supports: str = ""  # module types the method can wrap, for error messages
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)

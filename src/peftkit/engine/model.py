@@ -49,8 +49,8 @@ class AdapterModel(nn.Module):
         """Inject a new adapter; on any error the model is left as it was."""
         self._check_new_name(name)
         spec = method_for_config(config)
-        if getattr(config, "target_modules", "absent") is None:
-            config.target_modules = targets.default_targets(self.model)
+        if spec.prepare_config is not None:
+            spec.prepare_config(config, self.model)
         keys = targets.find_targets(self.model, config, skip=self._save_module_keys())
         for entry in targets.unmatched_entries(config, keys):
             warnings.warn(f"target_modules entry {entry!r} matched no module; check its spelling")
@@ -82,7 +82,7 @@ class AdapterModel(nn.Module):
             wrapper = spec.wrapper_for(module, config)
             if wrapper is None:
                 raise ValueError(f"module {key!r} is a {type(module).__name__}, which {spec.name} cannot "
-                                 "adapt (supported: Linear, Embedding, Conv1d/2d/3d, GPT-2 Conv1D); "
+                                 f"adapt (supported: {spec.supports or 'see the method docs'}); "
                                  "remove it from target_modules")
             layer = wrapper(module)
             self.model.set_submodule(key, layer)

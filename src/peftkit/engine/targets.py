@@ -46,6 +46,12 @@ def default_targets(model: nn.Module) -> list[str]:
     return list(DEFAULT_TARGETS[model_type])
 
 
+def fill_default_targets(config: Any, model: nn.Module) -> None:
+    """``prepare_config`` for methods that use the table above (LoRA, DoRA)."""
+    if config.target_modules is None:
+        config.target_modules = default_targets(model)
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2 style Conv1D (a linear layer with its weight stored transposed)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -1,2 +1,4 @@
 """Built-in methods; importing this package registers each one (one folder per method)."""
 from peftkit.methods import lora  # noqa: F401
+from peftkit.methods import dora  # noqa: F401
+from peftkit.methods import ia3  # noqa: F401

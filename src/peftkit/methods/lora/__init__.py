@@ -1,7 +1,7 @@
 """LoRA: low-rank updates B A added to frozen weights."""
 from torch import nn
 
-from peftkit.engine.targets import is_linear
+from peftkit.engine.targets import fill_default_targets, is_linear
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from peftkit.registry import LayerRule, MethodSpec, register_method
@@ -10,6 +10,9 @@ SPEC = register_method(MethodSpec(
     name="lora",
     peft_type="LORA",
     config_cls=LoraConfig,
+    prepare_config=fill_default_targets,
+    supports="Linear, Embedding, Conv1d/2d/3d, GPT-2 Conv1D",
+    claims=lambda d: not d.get("use_dora"),
     summary="Low-rank update B A beside each frozen weight (Hu et al., 2021).",
     layer_rules=[
         LayerRule(lambda m, c: is_linear(m), LoraLinear),

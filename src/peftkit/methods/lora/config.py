@@ -21,7 +21,7 @@ class LoraConfig(TargetingConfig):
     init_lora_weights: bool | str = field(default=True, metadata={"help": "True: kaiming-uniform A, zero B (no change at start); 'gaussian': normal A; False: random B too (changes the output)."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank: {regex on module name suffix: r}."})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha: {regex on module name suffix: alpha}."})
-    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA; not in this version (use method 'dora' once it lands)."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA): True builds a DoRA adapter, as in HF PEFT."})
 
     def __post_init__(self) -> None:
         self.peft_type = "LORA"
@@ -33,7 +33,6 @@ class LoraConfig(TargetingConfig):
         check_field(self.init_lora_weights in INIT_MODES, "init_lora_weights", self.init_lora_weights, f"one of {INIT_MODES}")
         for key, rank in self.rank_pattern.items():
             check_field(isinstance(rank, int) and rank > 0, f"rank_pattern[{key!r}]", rank, "an integer > 0")
-        check_field(not self.use_dora, "use_dora", self.use_dora, "False: DoRA is not available in this version")
 
     def rank_for(self, key: str) -> int:
         from peftkit.engine.targets import pattern_value
