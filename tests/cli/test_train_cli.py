@@ -174,3 +174,14 @@ def test_plain_text_file_trains_a_causal_lm(tmp_path, tiny_llama_dir):
 def test_methods_lists_lora(capsys):
     assert main(["methods"]) == 0
     assert capsys.readouterr().out.split("\n")[0] == "lora"
+
+
+def test_inspect_describes_a_scaling_method_without_ranks(tmp_path, capsys):
+    from peftkit import IA3Config, get_peft_model
+    from tiny_models import tiny_llama
+
+    get_peft_model(tiny_llama(), IA3Config()).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "IA3" in out and "rank:" not in out and "problems:    none" in out
+    assert "k_proj" in out and "6 adapted modules" in out

@@ -204,8 +204,10 @@ def render(info: dict) -> str:
         f"method:      {info['method']}   task type: {info['task_type']}",
         f"base model:  {info['base_model']}",
         f"targets:     {info['target_modules']}  ->  {info['adapted_modules']} adapted modules",
-        f"rank:        r={info['r']}; in the weights: {ranks}",
-        f"alpha:       {info['lora_alpha']}",
+    ]
+    if info["r"] is not None:  # low-rank methods only (IA3 and other scaling methods have no rank)
+        lines += [f"rank:        r={info['r']}; in the weights: {ranks}", f"alpha:       {info['lora_alpha']}"]
+    lines += [
         f"parameters:  {info['parameters']:,} in {info['tensors']} tensors "
         f"({info['adapter_parameters']:,} adapter, {sum(info['modules_to_save'].values()):,} modules_to_save "
         f"{list(info['modules_to_save'])}); dtype {', '.join(info['dtypes']) or '-'}",
