@@ -13,7 +13,6 @@ adapters. The engine only talks to layers through this small contract:
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
@@ -128,10 +127,3 @@ class ModulesToSave(AdapterLayer):
                 rows = rows.to(x.device)
                 out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs).to(out.dtype)
         return out
-
-    def merge(self, names: list[str], safe: bool = False) -> float:
-        warnings.warn("modules_to_save copies have nothing to merge; merge_and_unload keeps the active copy")
-        return 0.0
-
-    def unmerge(self) -> None:
-        return None
