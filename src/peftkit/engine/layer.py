@@ -13,6 +13,7 @@ adapters. The engine only talks to layers through this small contract:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,21 @@ def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: s
     rounded = exact.to(weight.dtype)
     weight.data.copy_(rounded)
     return (rounded.float() - exact).abs().max().item() if exact.numel() else 0.0
+
+
+def linear_layout(base_layer: nn.Module) -> tuple[bool, int, int]:
+    """(fan_in_fan_out, in_features, out_features) of nn.Linear or GPT-2's Conv1D ((in, out) weight)."""
+    fan_in_fan_out = not isinstance(base_layer, nn.Linear)
+    rows, cols = base_layer.weight.shape
+    return (fan_in_fan_out, rows, cols) if fan_in_fan_out else (fan_in_fan_out, cols, rows)
+
+
+def sync_fan_in_fan_out(config: Any, layer: nn.Module, key: str) -> None:
+    """The layout follows the layer type; correct the config so the saved file says so (as HF does)."""
+    if config.fan_in_fan_out != layer.fan_in_fan_out:
+        warnings.warn(f"{key} is a {type(layer.base_layer).__name__}: setting fan_in_fan_out="
+                      f"{layer.fan_in_fan_out} in the config")
+        config.fan_in_fan_out = layer.fan_in_fan_out
 
 
 def rows_by_adapter(names: list[str], batch: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.engine.layer import BASE, AdapterLayer, rows_by_adapter
+from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter, sync_fan_in_fan_out
 from peftkit.methods.ia3.config import IA3Config
 
 MIN_UNMERGE = 1e-6  # below this |l|, dividing a merged weight by l cannot give the base back
@@ -163,16 +163,10 @@ class IA3Linear(IA3Layer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
-        shape = base_layer.weight.shape
-        self.in_features, self.out_features = shape if self.fan_in_fan_out else shape[::-1]
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
 
     def add_adapter(self, name: str, config: IA3Config, key: str) -> None:
-        if config.fan_in_fan_out != self.fan_in_fan_out:
-            # The layout follows the layer type; the config is corrected so the saved file says so.
-            warnings.warn(f"{key} is a {type(self.base_layer).__name__}: setting fan_in_fan_out="
-                          f"{self.fan_in_fan_out} in the config")
-            config.fan_in_fan_out = self.fan_in_fan_out
+        sync_fan_in_fan_out(config, self, key)
         super().add_adapter(name, config, key)
 
     def l_shape(self, feedforward: bool) -> tuple[int, ...]:

@@ -14,14 +14,14 @@ a 1x1 convolution back out, so the merged kernel is B A contracted over r.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import BASE, AdapterLayer, merge_into, rows_by_adapter
+from peftkit.engine.layer import (BASE, AdapterLayer, linear_layout, merge_into, rows_by_adapter,
+                                  sync_fan_in_fan_out)
 from peftkit.kernels.lora_linear import lora_linear
 from peftkit.methods.lora.config import LoraConfig
 
@@ -129,17 +129,11 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        weight = base_layer.weight
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: (in, out)
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.plain_linear = type(base_layer) is nn.Linear  # subclasses may hook forward: no fusion
-        self.in_features, self.out_features = weight.shape[::-1] if not self.fan_in_fan_out else weight.shape
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
-        if config.fan_in_fan_out != self.fan_in_fan_out:
-            # The layout follows the layer type; the config is corrected so the saved file says so.
-            warnings.warn(f"{key} is a {type(self.base_layer).__name__}: setting fan_in_fan_out="
-                          f"{self.fan_in_fan_out} in the config")
-            config.fan_in_fan_out = self.fan_in_fan_out
+        sync_fan_in_fan_out(config, self, key)
         super().add_adapter(name, config, key)
 
     def adapter_names(self) -> list[str]:
