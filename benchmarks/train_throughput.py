@@ -235,7 +235,7 @@ def profile(model, opt, batch, path: str, steps: int = 2):
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             train_step(model, opt, batch)
         sync()
@@ -243,6 +243,10 @@ def profile(model, opt, batch, path: str, steps: int = 2):
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
     with open(path, "w") as fh:
         fh.write(table)
+    if DEVICE == "cuda":  # GPU time per (op, input shapes): which products the time goes to
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=80)
+        with open(path.replace(".txt", "_by_shape.txt"), "w") as fh:
+            fh.write(by_shape)
     print(f"  profile -> {path}\n" + "\n".join(table.splitlines()[:22]), flush=True)
 
 
