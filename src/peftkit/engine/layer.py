@@ -61,6 +61,10 @@ class AdapterLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def check_unmerge(self) -> None:
+        """Raise if `unmerge` could not restore the base weights; change nothing. The engine asks
+        every merged layer first, so that unmerging a model is all or nothing."""
+
 
 def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: str, sign: float = 1.0) -> float:
     """Add ``sign * delta`` to ``weight`` in float32 and round once; return the rounding error.

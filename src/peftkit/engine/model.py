@@ -271,9 +271,12 @@ class AdapterModel(nn.Module):
                                      "the adapter is broken, nothing was changed")
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.adapter_layers():
-            if layer.merged:
-                layer.unmerge()
+        """Restore the base weights everywhere, or (if some layer cannot) raise having changed none."""
+        merged = [layer for _, layer in self.adapter_layers() if layer.merged]
+        for layer in merged:
+            layer.check_unmerge()
+        for layer in merged:
+            layer.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, then replace every wrapper by its base module; returns the plain base model."""

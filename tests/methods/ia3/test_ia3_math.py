@@ -176,6 +176,21 @@ def test_unmerge_refuses_a_zero_scale_and_changes_nothing():
     assert torch.isfinite(plain(x)).all()
 
 
+def test_model_unmerge_is_all_or_nothing_when_one_layer_refuses():
+    _, peft = make()
+    m = peft.base_model.model
+    with torch.no_grad():
+        m.get_submodule(NAMES[-1]).ia3_l["default"].view(-1)[0] = 0.0  # the last layer refuses
+    with pytest.warns(UserWarning, match="cannot be unmerged"):
+        peft.merge_adapter()
+    merged = {k: m.get_submodule(k).base_layer.weight.clone() for k in NAMES}
+    with pytest.raises(ValueError, match="no weights were changed"):
+        peft.unmerge_adapter()
+    for k in NAMES:  # the layers before it were not unmerged either
+        assert torch.equal(m.get_submodule(k).base_layer.weight, merged[k]), k
+        assert m.get_submodule(k).merged_adapters == ["default"], k
+
+
 def test_mixed_batch_rows_use_their_own_vectors():
     ref, peft = make()
     with warnings.catch_warnings():

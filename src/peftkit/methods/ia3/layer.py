@@ -112,14 +112,18 @@ class IA3Layer(AdapterLayer):
         self.last_merge_error = error
         return error
 
-    def unmerge(self) -> None:
-        """Divide the merged scalings out again, last merged first; refuse if some l is about 0."""
+    def check_unmerge(self) -> None:
+        """Refuse when some merged l is about 0: dividing by it cannot give the base weights back."""
         for name in self.merged_adapters:
             small = (self.ia3_l[name].detach().abs() < MIN_UNMERGE).sum().item()
             if small:
                 raise ValueError(f"cannot unmerge adapter {name!r}: {small} entries of its l are below "
                                  f"{MIN_UNMERGE} in magnitude, so the base weights cannot be recovered by "
-                                 "division; reload the base model instead (nothing was changed in this layer)")
+                                 "division; reload the base model instead (no weights were changed)")
+
+    def unmerge(self) -> None:
+        """Divide the merged scalings out again, last merged first; refuse if some l is about 0."""
+        self.check_unmerge()
         while self.merged_adapters:
             self.rescale(self.merged_adapters.pop(), False, inverse=True)
 
