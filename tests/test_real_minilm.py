@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from peftkit import DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from peftkit import AdaLoraConfig, DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from peftkit.data import ClassificationCollator, assets, build_classification_dataset, train_eval_split
 from peftkit.methods.dora.layer import DoraLinear
 
@@ -34,6 +34,11 @@ ROWS = {
     # Few parameters: a higher rate; the classifier head trains in full via modules_to_save.
     "ia3": (lambda: IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
                               feedforward_modules=["output.dense"]), 3e-2, 1280, only_scales_and_head_train),
+    # 40 steps of 32: ranks fall from 8 to an average of 4 between steps 4 and 30 (hooks in the loop).
+    # E starts at 0 and A, B near 0, so a short run needs a high rate.
+    "adalora": (lambda: AdaLoraConfig(task_type="SEQ_CLS", init_r=8, target_r=4, lora_alpha=16, tinit=4,
+                                      tfinal=10, total_step=40, target_modules=["query", "value"]),
+                2e-2, 1280, lambda model: model.peft_config["default"].rank_pattern is None),
 }
 
 
@@ -71,9 +76,11 @@ def test_fine_tune_of_minilm_beats_chance(method, tmp_path):
     before = accuracy(model, held_loader)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    for batch in loader:
-        model(**batch).loss.backward()
+    for step, batch in enumerate(loader, start=1):
+        extra = model.adapter_loss()  # the methods' training hooks, as the trainer calls them
+        (model(**batch).loss + (0 if extra is None else extra)).backward()
         opt.step()
+        model.after_optimizer_step(step)
         opt.zero_grad()
     after = accuracy(model, held_loader)
     print(f"minilm {method}: held-out accuracy {before:.3f} -> {after:.3f} in {time.time() - start:.0f} s")

@@ -106,6 +106,9 @@ def target_fits(module: str, targets) -> bool:
 
 
 def configured_rank(module: str, config: dict) -> int | None:
+    if "init_r" in config:  # AdaLoRA: init_r, or the triplets its rank allocator kept
+        kept = (config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+        return config["init_r"] if kept is None else sum(kept)
     for pattern, rank in (config.get("rank_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return rank
@@ -189,7 +192,7 @@ def summary(report: Report) -> dict:
     return {
         "path": report.path, "method": config.get("peft_type"), "task_type": config.get("task_type"),
         "base_model": config.get("base_model_name_or_path"), "target_modules": config.get("target_modules"),
-        "adapted_modules": len(found), "r": config.get("r"), "observed_ranks": dict(sorted(ranks.items())),
+        "adapted_modules": len(found), "r": config.get("init_r", config.get("r")), "observed_ranks": dict(sorted(ranks.items())),
         "lora_alpha": config.get("lora_alpha"), "modules_to_save": saved_modules(report),
         "parameters": sum(_numel(s) for s, _ in report.tensors.values()), "adapter_parameters": adapter,
         "tensors": len(report.tensors), "dtypes": sorted({d for _, d in report.tensors.values()}),

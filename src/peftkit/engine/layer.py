@@ -6,6 +6,7 @@ adapters. The engine only talks to layers through this small contract:
 - ``add_adapter(name, config, key)`` / ``delete_adapter(name)`` / ``adapter_names()``
 - ``adapter_tensors(name)``: the adapter's own tensors keyed as in the HF file format, relative to
   the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
+  ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true.
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
   name per row for mixed batches, or None), set by the engine.
@@ -47,6 +48,11 @@ class AdapterLayer(nn.Module):
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What a file holds for this adapter: ``adapter_tensors``, unless the method saves less
+        (AdaLoRA writes only the triplets its rank allocator kept)."""
+        return self.adapter_tensors(name)
 
     # -- shared bookkeeping --------------------------------------------------------------------
     @property

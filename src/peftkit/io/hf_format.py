@@ -20,12 +20,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def adapter_tensor_map(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
-    """HF key -> the live tensor, for every tensor that belongs to adapter ``name``."""
+def adapter_tensor_map(adapter_model: Any, name: str, saved: bool = False) -> dict[str, torch.Tensor]:
+    """HF key -> the live tensor, for every tensor that belongs to adapter ``name``.
+
+    ``saved``: the tensors as written to a file (``saved_tensors``, which may be a pruned view).
+    """
     found: dict[str, torch.Tensor] = {}
     for key, layer in adapter_model.adapter_layers():
         if name in layer.adapter_names():
-            for local, tensor in layer.adapter_tensors(name).items():
+            tensors = layer.saved_tensors(name) if saved else layer.adapter_tensors(name)
+            for local, tensor in tensors.items():
                 found[f"{PREFIX}{key}.{local}"] = tensor
     for key, param in adapter_model.bias_parameters(name).items():
         found[PREFIX + key] = param
@@ -34,7 +38,7 @@ def adapter_tensor_map(adapter_model: Any, name: str) -> dict[str, torch.Tensor]
 
 def to_hf_state_dict(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
     """Detached, contiguous copies, ready for safetensors."""
-    return {k: t.detach().contiguous().clone() for k, t in adapter_tensor_map(adapter_model, name).items()}
+    return {k: t.detach().contiguous().clone() for k, t in adapter_tensor_map(adapter_model, name, saved=True).items()}
 
 
 def get_peft_model_state_dict(model: Any, state_dict: dict | None = None,

@@ -11,7 +11,7 @@ The model is any module whose ``forward(**batch)`` returns an object or dict wit
 ``logits`` for classification metrics), e.g. a transformers model or a peftkit ``PeftModel``. Method
 hooks are called when the model has them: ``adapter_loss()`` is added to every micro-batch loss
 (scaled by the same weights, so once per step in total) and ``after_optimizer_step(global_step)`` runs
-after each optimizer step.
+after each optimizer step, before the gradients are cleared.
 
 Resuming restores the trainable tensors, optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
@@ -259,8 +259,9 @@ class Trainer:
         grad_norm = self._clip_and_step()
         self.state["global_step"] += 1
         hook = getattr(self.model, "after_optimizer_step", None)
-        if hook is not None:
+        if hook is not None:  # before zero_grad: AdaLoRA's allocator reads the step's gradients
             hook(self.state["global_step"])
+        self.optimizer.zero_grad(set_to_none=True)
         return loss_value, tokens, grad_norm
 
     def _backward(self, batch: dict, weight: float) -> float:
@@ -285,7 +286,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def _to_device(self, batch: dict) -> dict:
