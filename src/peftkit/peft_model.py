@@ -136,6 +136,12 @@ class PeftModel(nn.Module):
     def after_optimizer_step(self, global_step: int) -> None:
         self.base_model.after_optimizer_step(global_step)
 
+    def training_state(self) -> dict:
+        return self.base_model.training_state()
+
+    def load_training_state(self, state: dict) -> None:
+        self.base_model.load_training_state(state)
+
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Enable checkpointing on the base model and make sure gradients reach the adapters."""
         self.get_base_model().gradient_checkpointing_enable(**kwargs)

@@ -37,6 +37,10 @@ class MethodSpec:
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)
+    # State that training changes besides the parameters (AdaLoRA's importance scores and masks),
+    # saved in trainer checkpoints so that a resumed run continues exactly.
+    get_state: Callable[[nn.Module, str], dict] | None = None  # (adapter_model, name) -> picklable dict
+    set_state: Callable[[nn.Module, str, dict], None] | None = None  # (adapter_model, name, state)
 
     def wrapper_for(self, module: nn.Module, config: object) -> type | None:
         """First matching rule wins, so specific base types are registered before general ones."""

@@ -318,3 +318,19 @@ class AdapterModel(nn.Module):
             hook = getattr(method_for_config(self.peft_config[name]), "after_step", None)
             if hook:
                 hook(self, name, global_step)
+
+    def training_state(self) -> dict:
+        """Per adapter, the method's state beyond its parameters (empty for most methods)."""
+        state = {}
+        for name, config in self.peft_config.items():
+            hook = method_for_config(config).get_state
+            if hook is not None:
+                state[name] = hook(self, name)
+        return state
+
+    def load_training_state(self, state: dict) -> None:
+        for name, value in state.items():
+            if name not in self.peft_config:
+                raise ValueError(f"the checkpoint holds training state for adapter {name!r}, which this "
+                                 f"model lacks (it has {sorted(self.peft_config)}); resume with the same adapters")
+            method_for_config(self.peft_config[name]).set_state(self, name, value)

@@ -13,7 +13,8 @@ hooks are called when the model has them: ``adapter_loss()`` is added to every m
 (scaled by the same weights, so once per step in total) and ``after_optimizer_step(global_step)`` runs
 after each optimizer step, before the gradients are cleared.
 
-Resuming restores the trainable tensors, optimizer, scheduler, grad scaler, RNG states and the data
+Resuming restores the trainable tensors, the methods' training state (``training_state()``, e.g.
+AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
 was killed and resumed logs the same per-step losses as one that never stopped.
 """
@@ -167,13 +168,16 @@ class Trainer:
                 "stopped_early": False, "last_eval": {}}
 
     def _state_dict(self) -> dict:
+        method_state = getattr(self.model, "training_state", None)
         return {"state": dict(self.state), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "args": self.args.to_dict()}
+                "args": self.args.to_dict(), "method": method_state() if method_state else {}}
 
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_checkpoint(path)
         ckpt.load_trainable_state(self.model, saved["trainable"])
+        if saved.get("method"):
+            self.model.load_training_state(saved["method"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])

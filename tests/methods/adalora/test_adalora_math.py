@@ -188,6 +188,50 @@ def test_trainer_runs_the_allocator_without_being_asked():
     assert pattern and sum(sum(kept) for kept in pattern.values()) == 4
 
 
+@pytest.mark.parametrize("crash_at", [7, 11])  # while scores are smoothed; after the ranks are fixed (step 9)
+def test_a_killed_and_resumed_trainer_run_prunes_exactly_as_one_that_never_stopped(tmp_path, crash_at):
+    x, y = data()
+    batches = [{"x": x[i], "labels": y[i]} for i in range(64)]
+
+    def run(out, crash_at=None, resume=False):
+        model = make(total_step=12, tinit=2, tfinal=3, deltaT=2)
+        if crash_at is not None:  # dies inside step crash_at, after the checkpoint of the step before
+            hook = model.after_optimizer_step
+            model.after_optimizer_step = lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == crash_at else hook(step)
+        args = TrainingArguments(progress_bar=False, tensorboard=False, learning_rate=1e-2, device="cpu",
+                                 batch_size=16, max_steps=12, output_dir=str(out), save_steps=1)
+        Trainer(model, args, batches).train(resume_from=resume)
+        return model
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", crash_at=crash_at)
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.peft_config["default"].rank_pattern == straight.peft_config["default"].rank_pattern
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_training_state_round_trips_the_scores_masks_and_pattern():
+    model, (x, y) = make(tinit=1, deltaT=1), data()
+    for step in range(1, 5):
+        model(x=x, labels=y)["loss"].backward()
+        model.after_optimizer_step(step)
+        model.zero_grad()
+    state = model.training_state()
+    assert state["default"]["importance"] and state["default"]["kept"]
+    other = make(tinit=1, deltaT=1)
+    other.load_training_state(state)
+    again = other.training_state()["default"]
+    assert again["rank_pattern"] == state["default"]["rank_pattern"]
+    for key, kept in state["default"]["kept"].items():
+        assert torch.equal(again["kept"][key], kept)
+    for key, scores in state["default"]["importance"].items():
+        for factor, pair in scores.items():
+            assert all(torch.equal(a, b) for a, b in zip(again["importance"][key][factor], pair))
+    with pytest.raises(ValueError, match="lacks"):
+        other.load_training_state({"nope": state["default"]})
+
+
 def test_allocator_without_gradients_says_when_to_call_it():
     model = make()
     with pytest.raises(ValueError, match="before optimizer.zero_grad"):

@@ -1,6 +1,6 @@
 """AdaLoRA: SVD-shaped low-rank updates B diag(E) A whose ranks are pruned during training."""
 from peftkit.engine.targets import fill_default_targets, is_linear
-from peftkit.methods.adalora.allocator import after_step, orth_penalty
+from peftkit.methods.adalora.allocator import after_step, get_state, orth_penalty, set_state
 from peftkit.methods.adalora.config import AdaLoraConfig
 from peftkit.methods.adalora.layer import AdaLoraLinear
 from peftkit.registry import LayerRule, MethodSpec, register_method
@@ -15,6 +15,8 @@ SPEC = register_method(MethodSpec(
     layer_rules=[LayerRule(lambda m, c: is_linear(m), AdaLoraLinear)],
     extra_loss=orth_penalty,
     after_step=after_step,
+    get_state=get_state,
+    set_state=set_state,
 ))
 
 __all__ = ["AdaLoraConfig", "AdaLoraLinear", "SPEC"]

@@ -24,6 +24,8 @@ plain norms, so the same ``orth_reg_weight`` means the same here as there.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -135,3 +137,31 @@ def after_step(adapter_model: nn.Module, name: str, step: int) -> None:
     if step == end:
         for layer in layers.values():
             layer.importance.pop(name, None)
+
+
+# -- checkpoint state ------------------------------------------------------------------------------
+def get_state(adapter_model: nn.Module, name: str) -> dict:
+    """What the allocator has learnt that the parameters do not hold: per layer the kept mask and
+    the smoothed scores, and the rank pattern so far. Saved in trainer checkpoints."""
+    layers = adalora_layers(adapter_model, name)
+    return {
+        "rank_pattern": copy.deepcopy(adapter_model.peft_config[name].rank_pattern),
+        "kept": {k: layer.kept[name].clone() for k, layer in layers.items() if name in layer.kept},
+        "importance": {k: {f: tuple(t.detach().cpu().clone() for t in pair) for f, pair in layer.importance[name].items()}
+                       for k, layer in layers.items() if name in layer.importance},
+    }
+
+
+def set_state(adapter_model: nn.Module, name: str, state: dict) -> None:
+    """Restore `get_state`'s dict into the layers of adapter `name` (a resumed run goes on exactly)."""
+    layers = adalora_layers(adapter_model, name)
+    unknown = sorted((set(state["kept"]) | set(state["importance"])) - set(layers))
+    if unknown:
+        raise ValueError(f"AdaLoRA state for adapter {name!r} names layers this model lacks: {unknown[:3]}; "
+                         "resume with the same model and target_modules")
+    adapter_model.peft_config[name].rank_pattern = copy.deepcopy(state["rank_pattern"])
+    for key, kept in state["kept"].items():
+        layers[key].kept[name] = kept.clone()
+    for key, scores in state["importance"].items():
+        device = layers[key].lora_E[name].device
+        layers[key].importance[name] = {f: tuple(t.to(device) for t in pair) for f, pair in scores.items()}
