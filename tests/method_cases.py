@@ -23,5 +23,6 @@ CASES = [MethodCase("lora", _lora)]
 # Each further method keeps its row beside its own tests (tests/methods/<name>/case.py).
 from methods.dora.case import CASE as DORA_CASE  # noqa: E402
 from methods.ia3.case import CASE as IA3_CASE  # noqa: E402
+from methods.adapter.case import CASE as ADAPTER_CASE  # noqa: E402
 
-CASES += [DORA_CASE, IA3_CASE]
+CASES += [DORA_CASE, IA3_CASE, ADAPTER_CASE]

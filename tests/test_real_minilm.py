@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from peftkit import DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from peftkit import BottleneckConfig, DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from peftkit.data import ClassificationCollator, assets, build_classification_dataset, train_eval_split
 from peftkit.methods.dora.layer import DoraLinear
 
@@ -25,6 +25,12 @@ def only_scales_and_head_train(model) -> bool:
     return bool(trainable) and all("ia3_l" in n or "classifier.modules_to_save" in n for n in trainable)
 
 
+def only_adapters_and_head_train(model) -> bool:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return bool(trainable) and all(".adapter_down." in n or ".adapter_up." in n or "classifier.modules_to_save" in n
+                                   for n in trainable)
+
+
 # method -> (config, learning rate, training snippets, a structural check of the wrapped model)
 ROWS = {
     "lora": (lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]),
@@ -34,6 +40,10 @@ ROWS = {
     # Few parameters: a higher rate; the classifier head trains in full via modules_to_save.
     "ia3": (lambda: IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
                               feedforward_modules=["output.dense"]), 3e-2, 1280, only_scales_and_head_train),
+    # Houlsby placement, m = 384 / 16 = 24; AdapterDrop on the lowest 3 of 6 blocks, so the backward
+    # pass stops halfway up (the paper's speed-up).
+    "adapter": (lambda: BottleneckConfig(task_type="SEQ_CLS", placement="houlsby", adapter_drop_lowest=3),
+                5e-3, 1280, only_adapters_and_head_train),
 }
 
 

@@ -2,3 +2,4 @@
 from peftkit.methods import lora  # noqa: F401
 from peftkit.methods import dora  # noqa: F401
 from peftkit.methods import ia3  # noqa: F401
+from peftkit.methods import adapter  # noqa: F401
