@@ -11,7 +11,7 @@ import torch
 
 from method_cases import CASES
 from peftkit import PeftConfig, PeftModel, get_peft_model
-from peftkit.engine.layer import AdapterLayer
+from peftkit.engine.layer import AdapterLayer, ModulesToSave
 from tiny_models import FAMILIES, logits, model_inputs
 
 
@@ -43,7 +43,7 @@ def add_second(model, family, case, name="other", **overrides):
 
 def adapter_params(model, name="default"):
     """The adapter's own tensors, found through the layers that own them (never by name)."""
-    own = {id(t) for _, layer in model.base_model.adapter_layers() if layer.can_merge
+    own = {id(t) for _, layer in model.base_model.adapter_layers() if not isinstance(layer, ModulesToSave)
            and name in layer.adapter_names() for t in layer.adapter_tensors(name).values()}
     return [(n, p) for n, p in model.named_parameters() if id(p) in own]
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from peftkit import AdaLoraConfig, DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from peftkit import AdaLoraConfig, BottleneckConfig, DoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from peftkit.data import ClassificationCollator, assets, build_classification_dataset, train_eval_split
 from peftkit.methods.dora.layer import DoraLinear
 
@@ -23,6 +23,12 @@ def dora_is_used(model) -> bool:
 def only_scales_and_head_train(model) -> bool:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return bool(trainable) and all("ia3_l" in n or "classifier.modules_to_save" in n for n in trainable)
+
+
+def only_adapters_and_head_train(model) -> bool:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return bool(trainable) and all(".adapter_down." in n or ".adapter_up." in n or "classifier.modules_to_save" in n
+                                   for n in trainable)
 
 
 # method -> (config, learning rate, training snippets, a structural check of the wrapped model)
@@ -39,6 +45,10 @@ ROWS = {
     "adalora": (lambda: AdaLoraConfig(task_type="SEQ_CLS", init_r=8, target_r=4, lora_alpha=16, tinit=4,
                                       tfinal=10, total_step=40, target_modules=["query", "value"]),
                 2e-2, 1280, lambda model: model.peft_config["default"].rank_pattern is None),
+    # Houlsby placement, m = 384 / 16 = 24; AdapterDrop on the lowest 3 of 6 blocks, so the backward
+    # pass stops halfway up (the paper's speed-up).
+    "adapter": (lambda: BottleneckConfig(task_type="SEQ_CLS", placement="houlsby", adapter_drop_lowest=3),
+                5e-3, 1280, only_adapters_and_head_train),
 }
 
 

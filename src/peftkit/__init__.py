@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from peftkit.config import PeftConfig, TaskType  # noqa: E402
 from peftkit.io.hf_format import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from peftkit.methods.adalora import AdaLoraConfig  # noqa: E402
+from peftkit.methods.adapter import BottleneckConfig  # noqa: E402
 from peftkit.methods.ia3 import IA3Config  # noqa: E402
 from peftkit.methods.dora import DoraConfig  # noqa: E402
 from peftkit.methods.lora import LoraConfig  # noqa: E402
@@ -20,7 +21,7 @@ from peftkit.peft_model import (  # noqa: E402
 from peftkit.registry import get_method, list_methods  # noqa: E402
 
 __all__ = [
-    "PeftConfig", "TaskType", "AdaLoraConfig", "DoraConfig", "IA3Config", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
+    "PeftConfig", "TaskType", "AdaLoraConfig", "BottleneckConfig", "DoraConfig", "IA3Config", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
     "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",

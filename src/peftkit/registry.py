@@ -34,6 +34,9 @@ class MethodSpec:
     # Fills what a config leaves unset from the model (e.g. default targets per architecture).
     prepare_config: Callable[[object, nn.Module], None] | None = None
     supports: str = ""  # module types the method can wrap, for error messages
+    # False: the method derives its targets from its own options (adapter placement), so the CLI's
+    # per-model target_modules presets (written for LoRA) are not applied to it.
+    target_presets: bool = True
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)

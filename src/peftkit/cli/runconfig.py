@@ -165,6 +165,8 @@ def resolve(flags: dict, yaml_doc: dict, spec) -> RunConfig:
 def _method_values(run, spec, flags, yaml_doc, preset, meth_f) -> dict:
     names = {f.name for f in meth_f}
     presets = {**preset["method"], **(preset["bundled_model"] if run.model is None else {})}
+    if not spec.target_presets:
+        presets.pop("target_modules", None)
     hints = field_hints(spec.config_cls)
     typed = {k: cli_value(hints[k], v) for k, v in _picked(flags, meth_f).items()}
     chosen = {k: v for k, v in presets.items() if k in names}

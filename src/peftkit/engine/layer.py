@@ -7,7 +7,8 @@ adapters. The engine only talks to layers through this small contract:
 - ``adapter_tensors(name)``: the adapter's own tensors keyed as in the HF file format, relative to
   the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
   ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors.
-- ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true.
+- ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
+  adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
   name per row for mixed batches, or None), set by the engine.
 """

@@ -233,6 +233,7 @@ class AdapterModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (float32 arithmetic, one rounding)."""
         names = adapter_names or list(self.active_adapters)
+        self._check_mergeable(names)
         layers = [layer for _, layer in self.adapter_layers() if layer.can_merge]
         todo = [l for l in layers if any(n in l.adapter_names() and n not in l.merged_adapters for n in names)]
         if not todo:
@@ -242,6 +243,19 @@ class AdapterModel(nn.Module):
             self._check_finite(todo, names)
         self._untie(todo)
         self.last_merge_error = max(layer.merge(names, safe_merge) for layer in todo)
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        """Refuse, changing nothing, when an adapter lives in layers that cannot fold into weights.
+
+        ModulesToSave copies cannot merge either, but merge_and_unload keeps them as trained modules.
+        """
+        stuck = [(k, n) for k, l in self.adapter_layers() if not l.can_merge and not isinstance(l, ModulesToSave)
+                 for n in names if n in l.adapter_names()]
+        if stuck:
+            key, name = stuck[0]
+            raise ValueError(f"adapter {name!r} cannot be merged: {key!r} holds a "
+                             f"{type(self.model.get_submodule(key)).__name__}, which is not a weight update "
+                             "(nothing was changed); keep the adapter model, or call unload() to remove it")
 
     def _untie(self, layers: list[AdapterLayer]) -> None:
         """Give a merging layer its own weight when the base shares it (tied embeddings/LM head).
@@ -280,6 +294,7 @@ class AdapterModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, then replace every wrapper by its base module; returns the plain base model."""
+        self._check_mergeable(adapter_names or list(self.active_adapters))
         if self._has_unmerged(adapter_names):
             self.merge_adapter(adapter_names, safe_merge)
         return self._unwrap(keep_trained_copies=True)

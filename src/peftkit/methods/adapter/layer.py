@@ -1,0 +1,115 @@
+"""Bottleneck adapters (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP";
+Pfeiffer et al., 2020, "AdapterFusion"; Rücklé et al., 2021, "AdapterDrop").
+
+A small residual MLP on the output h = W x + b of a frozen linear layer (d = out_features):
+
+    h' = h + s * (W_up act(W_down h + b_down) + b_up)
+
+W_down (m x d), b_down (m), W_up (d x m), b_up (d) train; W and b stay frozen; s = ``scaling``,
+m = d // reduction_factor (or ``bottleneck_size``). Initialisation: down is nn.Linear's default
+(kaiming-uniform), up is zero, so a fresh adapter changes nothing; ``init_weights=False`` leaves up
+random as well. Several active adapters each see the same h and their outputs add up:
+h' = h + sum_i s_i up_i(act_i(down_i(h))).
+
+AdapterDrop: an adapter whose block index is in ``adapter_drop`` (or below ``adapter_drop_lowest``)
+is skipped in training mode, eval mode or both (``adapter_drop_mode``); its tensors still exist
+and are saved, so one file serves every drop setting.
+
+The adapter is nonlinear in h, so it cannot be folded into W: ``can_merge`` is False and the
+engine refuses to merge it. File keys: ``<module>.adapter_down.weight`` / ``.bias`` and
+``<module>.adapter_up.weight`` / ``.bias``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter
+from peftkit.engine.targets import layer_index
+from peftkit.methods.adapter.config import BottleneckConfig
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class BottleneckLayer(AdapterLayer):
+    """Bottleneck adapters on the output of ``nn.Linear`` or GPT-2's ``Conv1D``."""
+
+    can_merge = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        _, _, self.out_features = linear_layout(base_layer)
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.non_linearity: dict[str, str] = {}
+        self.drop_mode: dict[str, str | None] = {}  # None: never dropped here
+
+    # -- the contract ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: BottleneckConfig, key: str) -> None:
+        d = self.out_features
+        m = config.bottleneck_for(d)
+        device = self.base_weight().device
+        self.adapter_down[name] = nn.Linear(d, m, device=device, dtype=torch.float32)
+        self.adapter_up[name] = nn.Linear(m, d, device=device, dtype=torch.float32)
+        if config.init_weights:
+            nn.init.zeros_(self.adapter_up[name].weight)
+            nn.init.zeros_(self.adapter_up[name].bias)
+        self.scaling[name] = float(config.scaling)
+        self.non_linearity[name] = config.non_linearity
+        block = layer_index(key, config.layers_pattern)
+        self.drop_mode[name] = config.adapter_drop_mode if block in config.dropped_blocks() else None
+
+    def delete_adapter(self, name: str) -> None:
+        del self.adapter_down[name], self.adapter_up[name]
+        for table in (self.scaling, self.non_linearity, self.drop_mode):
+            table.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_down.keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
+                "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
+
+    def merge(self, names: list[str], safe: bool = False) -> float:
+        raise ValueError("bottleneck adapters are nonlinear and cannot be merged into the base weights; "
+                         "keep the adapter model, or use unload() to drop the adapters")
+
+    # -- forward -----------------------------------------------------------------------------------
+    def skipped(self, name: str) -> bool:
+        """AdapterDrop: is this adapter dropped in this layer in the current (train/eval) mode?"""
+        mode = self.drop_mode[name]
+        return mode == "both" or (mode == "train" and self.training) or (mode == "inference" and not self.training)
+
+    def adapter_output(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        """s * up(act(down(h))) in the adapter's dtype; h is (..., d), so is the result."""
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        act = ACTIVATIONS[self.non_linearity[name]]
+        return self.scaling[name] * up(act(down(h.to(down.weight.dtype))))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return h
+        if self.batch_adapter_names is not None:
+            return self.mixed_forward(h)
+        result = h
+        for name in self.unmerged_active():
+            if not self.skipped(name):
+                result = result + self.adapter_output(h, name).to(h.dtype)
+        return result
+
+    def mixed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Each row of h (batch, ..., d) gets its own adapter (or none), as if run alone."""
+        result = h
+        for name, rows in rows_by_adapter(self.batch_adapter_names, h.shape[0]).items():
+            if name != BASE and name in self.adapter_down and not self.skipped(name):
+                rows = rows.to(h.device)
+                result = result.index_add(0, rows, self.adapter_output(h[rows], name).to(h.dtype))
+        return result
