@@ -31,7 +31,7 @@ class AdaLoraConfig(TargetingConfig):
     beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in (0, 1)."})
     beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in (0, 1)."})
     orth_reg_weight: float = field(default=0.5, metadata={"help": "Weight of the orthogonality penalty on A and B (>= 0)."})
-    total_step: int | None = field(default=None, metadata={"help": "Total optimizer steps of the run (required, > 0)."})
+    total_step: int | None = field(default=None, metadata={"help": "Total optimizer steps of the run (required, > 0; `peftkit train` takes --max-steps when unset)."})
     rank_pattern: dict[str, list[bool]] | None = field(default=None, metadata={"help": "Kept triplets per layer, {'<module>.lora_E': [bool] * init_r}; written by the rank allocator."})
     lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: scaling = lora_alpha / init_r (kept fixed when ranks are pruned)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank path, in [0, 1)."})
