@@ -157,19 +157,9 @@ def resolve(flags: dict, yaml_doc: dict, spec) -> RunConfig:
         presets.pop("max_steps", None)  # the user counts in epochs: the preset's step budget does not apply
     training = _build(TrainingArguments, {**presets, **chosen, "task": run.task}, "training")
     method_values = _method_values(run, spec, flags, yaml_doc, preset, meth_f)
-    for option, setting in FROM_TRAINING.items():  # e.g. AdaLoRA's schedule length = the run's length
-        if option in {f.name for f in meth_f} and method_values.get(option) is None:
-            method_values[option] = getattr(training, setting)
-            if method_values[option] is None:
-                raise UserError(f"{spec.name} needs {option} (the run's number of optimizer steps): pass "
-                                f"--{option.replace('_', '-')} N, or --{setting.replace('_', '-')} N to set both")
     method_config = _build_method(spec, run.task, method_values)
     resolved = {f.name: getattr(method_config, f.name) for f in meth_f}
     return RunConfig(run, data, training, method_config, resolved)
-
-
-# Method options that, left unset, take a training setting's value: the one a user would repeat.
-FROM_TRAINING = {"total_step": "max_steps"}
 
 
 def _method_values(run, spec, flags, yaml_doc, preset, meth_f) -> dict:

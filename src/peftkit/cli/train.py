@@ -102,9 +102,26 @@ def prepare(cfg: RunConfig) -> Job:
     model_path = common.check_model_folder(cfg.run.model) if cfg.run.model else common.bundled_model_dir(task)
     tokenizer = common.load_tokenizer(model_path)
     data = common.build_data(task, tokenizer, cfg.data, seed)
+    fill_run_length(cfg, len(data.train))
     seed_everything(seed)  # the classification head and the adapter start from the seed
     base = common.load_classifier(model_path, data.label2id) if task == "classification" else common.load_causal_lm(model_path)
     return Job(cfg, model_path, tokenizer, data, wrap(base, cfg))
+
+
+# Method options that, left unset, are the run's number of optimizer steps (AdaLoRA's schedule).
+RUN_LENGTH_OPTIONS = ("total_step",)
+
+
+def fill_run_length(cfg: RunConfig, n_train: int) -> None:
+    """Set RUN_LENGTH_OPTIONS the user left unset from the run's planned steps (config.yaml too)."""
+    unset = {o: cfg.training.planned_steps(n_train) for o in RUN_LENGTH_OPTIONS
+             if o in cfg.method_options and cfg.method_options[o] is None}
+    if unset:
+        try:
+            cfg.method_config = dataclasses.replace(cfg.method_config, **unset)
+        except ValueError as err:
+            raise UserError(f"invalid {cfg.run.method} option: {' '.join(str(err).split())}") from None
+        cfg.method_options.update(unset)
 
 
 def wrap(base, cfg: RunConfig):

@@ -81,6 +81,14 @@ class TrainingArguments:
     def greater_is_better(self) -> bool:
         return self.best_metric not in ("loss", "perplexity")
 
+    def steps_per_epoch(self, n_examples: int) -> int:
+        """Optimizer steps in one pass over ``n_examples`` (the last batch may be smaller)."""
+        return -(-(-(-n_examples // self.batch_size)) // self.gradient_accumulation_steps)
+
+    def planned_steps(self, n_examples: int) -> int:
+        """Optimizer steps the run will take: ``max_steps``, else ``epochs`` passes."""
+        return self.max_steps or self.epochs * self.steps_per_epoch(n_examples)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -22,7 +22,6 @@ was killed and resumed logs the same per-step losses as one that never stopped.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import resource
 import time
@@ -151,8 +150,8 @@ class Trainer:
             raise ValueError("Trainer.train() needs a train_dataset")
         a = self.args
         self.batches = ResumableBatches(self.train_dataset, a.batch_size, self.collate_fn, a.seed)
-        self.steps_per_epoch = math.ceil(len(self.batches) / a.gradient_accumulation_steps)
-        self.total_steps = a.max_steps or a.epochs * self.steps_per_epoch
+        self.steps_per_epoch = a.steps_per_epoch(len(self.train_dataset))
+        self.total_steps = a.planned_steps(len(self.train_dataset))
         if a.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         self.params = self._trainable()

@@ -238,7 +238,13 @@ def test_allocator_without_gradients_says_when_to_call_it():
         model.after_optimizer_step(1)
 
 
-@pytest.mark.parametrize("bad", [dict(total_step=None), dict(init_r=0), dict(beta1=1.0), dict(tinit=20),
+def test_total_step_may_come_later_but_is_required_to_wrap_a_model():
+    config = AdaLoraConfig(target_modules=["lin"])  # peftkit train fills it from the run's length
+    with pytest.raises(ValueError, match="total_step=None"):
+        get_peft_model(Net(0), config)
+
+
+@pytest.mark.parametrize("bad", [dict(total_step=0), dict(init_r=0), dict(beta1=1.0), dict(tinit=20),
                                  dict(orth_reg_weight=-1), dict(deltaT=0), dict(rank_pattern={"lin.lora_E": [1, 0]})])
 def test_config_is_validated_with_the_field_named(bad):
     kwargs = dict(target_modules=["lin"], total_step=20) | bad

@@ -31,7 +31,7 @@ class AdaLoraConfig(TargetingConfig):
     beta1: float = field(default=0.85, metadata={"help": "EMA coefficient of the sensitivity, in (0, 1)."})
     beta2: float = field(default=0.85, metadata={"help": "EMA coefficient of the uncertainty, in (0, 1)."})
     orth_reg_weight: float = field(default=0.5, metadata={"help": "Weight of the orthogonality penalty on A and B (>= 0)."})
-    total_step: int | None = field(default=None, metadata={"help": "Total optimizer steps of the run (required, > 0; `peftkit train` takes --max-steps when unset)."})
+    total_step: int | None = field(default=None, metadata={"help": "Total optimizer steps of the run (required before wrapping a model; `peftkit train` fills it from the run)."})
     rank_pattern: dict[str, list[bool]] | None = field(default=None, metadata={"help": "Kept triplets per layer, {'<module>.lora_E': [bool] * init_r}; written by the rank allocator."})
     lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: scaling = lora_alpha / init_r (kept fixed when ranks are pruned)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank path, in [0, 1)."})
@@ -39,17 +39,25 @@ class AdaLoraConfig(TargetingConfig):
     bias: str = field(default="none", metadata={"help": "Which biases train: none, all, or lora_only (biases of adapted layers)."})
     init_lora_weights: bool = field(default=True, metadata={"help": "True: E = 0 and A, B ~ N(0, 0.02^2) (no change at start); False: A, E, B ~ N(0, 1) (changes the output)."})
 
+    def check_schedule(self) -> None:
+        """total_step is set, and leaves room to prune between tinit and total_step - tfinal."""
+        value = self.total_step
+        check_field(isinstance(value, int) and value > 0, "total_step", value,
+                    "an integer > 0, the run's number of optimizer steps (required before the model is wrapped)")
+        check_field(self.tinit < self.total_step - self.tfinal, "tinit", self.tinit,
+                    f"< total_step - tfinal = {self.total_step - self.tfinal} so that ranks are pruned at all")
+
     def __post_init__(self) -> None:
         self.peft_type = "ADALORA"
         super().__post_init__()
-        for name in ("init_r", "total_step", "deltaT"):
+        for name in ("init_r", "deltaT"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value > 0, name, value, "an integer > 0")
         for name in ("target_r", "tinit", "tfinal"):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 0, name, value, "an integer >= 0")
-        check_field(self.tinit < self.total_step - self.tfinal, "tinit", self.tinit,
-                    f"< total_step - tfinal = {self.total_step - self.tfinal} so that ranks are pruned at all")
+        if self.total_step is not None:  # may come later: `peftkit train` fills it from the run's length
+            self.check_schedule()
         for name in ("beta1", "beta2"):
             check_field(0 < getattr(self, name) < 1, name, getattr(self, name), "a float in (0, 1)")
         check_field(self.orth_reg_weight >= 0, "orth_reg_weight", self.orth_reg_weight, "a number >= 0")
