@@ -13,6 +13,8 @@ class MethodCase:
     make: Callable[..., Any]  # (target_modules, task_type, identity: bool, **overrides) -> config
     can_merge: bool = True
     supports_mixed_batch: bool = True
+    identity_init: bool = True  # False: no init leaves outputs unchanged (prompt tuning prepends tokens)
+    stacks: bool = True  # False: set_adapter refuses several of its adapters active at once
     extra: dict = field(default_factory=dict)
 
     def config(self, targets: list[str], task: str, identity: bool = False, **overrides: Any) -> Any:

@@ -25,5 +25,6 @@ from methods.dora.case import CASE as DORA_CASE  # noqa: E402
 from methods.ia3.case import CASE as IA3_CASE  # noqa: E402
 from methods.adalora.case import CASE as ADALORA_CASE  # noqa: E402
 from methods.adapter.case import CASE as ADAPTER_CASE  # noqa: E402
+from methods.prompt.case import CASE as PROMPT_CASE  # noqa: E402
 
-CASES += [DORA_CASE, IA3_CASE, ADALORA_CASE, ADAPTER_CASE]
+CASES += [DORA_CASE, IA3_CASE, ADALORA_CASE, ADAPTER_CASE, PROMPT_CASE]

@@ -63,8 +63,11 @@ def train_steps(model, inputs, steps=3, lr=1e-2):
 def test_identity_init_changes_nothing_and_random_init_does(family, case):
     x = model_inputs()
     ref = logits(fresh_base(family), x)
-    assert torch.equal(logits(build(family, case, identity=True), x), ref)
-    assert not torch.allclose(logits(build(family, case, identity=False), x), ref, atol=1e-4)
+    if case.identity_init:
+        assert torch.equal(logits(build(family, case, identity=True), x), ref)
+    out = logits(build(family, case, identity=False), x)
+    out = out[:, -ref.shape[1]:] if out.dim() == 3 else out  # prompt tuning adds positions in front
+    assert not torch.allclose(out, ref, atol=1e-4)
 
 
 # 2, 3 ---------------------------------------------------------------------------------------
@@ -162,6 +165,11 @@ def test_merging_a_subset_gives_that_subset(family, case):
 def test_two_active_adapters_add_their_deltas(family, case):
     model, x = build(family, case), model_inputs()
     add_second(model, family, case)
+    if not case.stacks:
+        with pytest.raises(ValueError, match="cannot be active together"):
+            model.set_adapter(["default", "other"])
+        assert model.active_adapters == ["default"]
+        return
     base = logits(fresh_base(family), x)
     model.set_adapter(["default", "other"])
     both = logits(model, x)
@@ -284,6 +292,8 @@ def test_mixed_batch_equals_rows_run_alone(family, case):
 
 
 def test_mixed_batch_generate(case):
+    if not case.supports_mixed_batch:
+        pytest.skip(f"{case.name} declares no mixed-batch support")
     model, x = build("llama", case), model_inputs(batch=2, length=4)
     add_second(model, "llama", case)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

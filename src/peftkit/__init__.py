@@ -8,6 +8,7 @@ from peftkit.methods.adapter import BottleneckConfig  # noqa: E402
 from peftkit.methods.ia3 import IA3Config  # noqa: E402
 from peftkit.methods.dora import DoraConfig  # noqa: E402
 from peftkit.methods.lora import LoraConfig  # noqa: E402
+from peftkit.methods.prompt import PromptTuningConfig  # noqa: E402
 from peftkit.peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -21,7 +22,7 @@ from peftkit.peft_model import (  # noqa: E402
 from peftkit.registry import get_method, list_methods  # noqa: E402
 
 __all__ = [
-    "PeftConfig", "TaskType", "AdaLoraConfig", "BottleneckConfig", "DoraConfig", "IA3Config", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
+    "PeftConfig", "TaskType", "AdaLoraConfig", "BottleneckConfig", "DoraConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
     "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",

@@ -72,7 +72,7 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        with self._mixed(adapter_names, args, kwargs):
+        with self._mixed(adapter_names, args, kwargs), self.base_model.generating():
             return self.base_model.model.generate(*args, **kwargs)
 
     def _mixed(self, names: list[str] | None, args: tuple, kwargs: dict) -> Any:

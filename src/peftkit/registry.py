@@ -37,6 +37,11 @@ class MethodSpec:
     # False: the method derives its targets from its own options (adapter placement), so the CLI's
     # per-model target_modules presets (written for LoRA) are not applied to it.
     target_presets: bool = True
+    # Methods that act at the input (prompt tuning) rather than through target_modules:
+    find_targets: Callable[[nn.Module, object], list[str]] | None = None  # (model, config) -> keys to wrap
+    prepare_inputs: Callable[[nn.Module, str, dict], dict] | None = None  # (adapter_model, name, kwargs) -> kwargs
+    generating: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> context for generate
+    file_prefix: str = "base_model.model."  # HF key prefix of modules_to_save copies in this method's files
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)

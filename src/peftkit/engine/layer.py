@@ -6,7 +6,8 @@ adapters. The engine only talks to layers through this small contract:
 - ``add_adapter(name, config, key)`` / ``delete_adapter(name)`` / ``adapter_names()``
 - ``adapter_tensors(name)``: the adapter's own tensors keyed as in the HF file format, relative to
   the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
-  ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors.
+  ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors. A layer
+  with ``top_level_keys`` true gives whole file keys instead (prompt tuning's ``prompt_embeddings``).
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
@@ -28,6 +29,7 @@ class AdapterLayer(nn.Module):
     """Base for adapter wrappers: state bookkeeping only; the math lives in each method's layer."""
 
     can_merge = True
+    top_level_keys = False  # True: adapter_tensors keys are file keys as they are, not under the module
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

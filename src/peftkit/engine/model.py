@@ -29,6 +29,7 @@ class AdapterModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
+        self.input_methods: dict[str, Any] = {}  # adapter -> spec, for methods that act at the input
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.last_merge_error = 0.0
@@ -36,7 +37,34 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        found = self._input_adapter("prepare_inputs")
+        if found is None:
+            return self.model(*args, **kwargs)
+        hook, name = found
+        if args:  # the hook rewrites input_ids, so take it by name
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = args[1:]
+        return self.model(*args, **hook(self, name, kwargs))
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """Context for ``generate``: lets an active input-level adapter (prompt tuning) take part."""
+        found = self._input_adapter("generating")
+        if found is None:
+            yield
+            return
+        hook, name = found
+        with hook(self, name):
+            yield
+
+    def _input_adapter(self, hook_name: str, names: list[str] | None = None) -> tuple[Any, str] | None:
+        """(hook, adapter) for the one active adapter (of ``names``) whose method acts at the input."""
+        names = self.active_adapters if names is None else names
+        found = [(getattr(self.input_methods[n], hook_name), n) for n in names if n in self.input_methods]
+        if len(found) > 1:
+            raise ValueError(f"adapters {[n for _, n in found]} all act at the input (prompt tuning) and cannot be "
+                             "active together; set_adapter() one of them")
+        return found[0] if found else None
 
     # -- layers --------------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -51,9 +79,7 @@ class AdapterModel(nn.Module):
         spec = method_for_config(config)
         if spec.prepare_config is not None:
             spec.prepare_config(config, self.model)
-        keys = targets.find_targets(self.model, config, skip=self._save_module_keys())
-        for entry in targets.unmatched_entries(config, keys):
-            warnings.warn(f"target_modules entry {entry!r} matched no module; check its spelling")
+        keys = self._target_keys(config, spec)
         self.peft_config[name] = config
         try:
             for key in keys:
@@ -63,7 +89,17 @@ class AdapterModel(nn.Module):
         except Exception:
             self._remove_traces(name)
             raise
+        if spec.prepare_inputs is not None:
+            self.input_methods[name] = spec
         self.refresh_trainable()
+
+    def _target_keys(self, config: Any, spec: Any) -> list[str]:
+        if spec.find_targets is not None:  # the method picks its modules itself (prompt tuning)
+            return spec.find_targets(self.model, config)
+        keys = targets.find_targets(self.model, config, skip=self._save_module_keys())
+        for entry in targets.unmatched_entries(config, keys):
+            warnings.warn(f"target_modules entry {entry!r} matched no module; check its spelling")
+        return keys
 
     def _check_new_name(self, name: str) -> None:
         if name in self.peft_config:
@@ -127,6 +163,7 @@ class AdapterModel(nn.Module):
                 layer.delete_adapter(name)
         self._drop_empty_wrappers()
         self.peft_config.pop(name, None)
+        self.input_methods.pop(name, None)
 
     def _drop_empty_wrappers(self) -> None:
         for key, layer in list(self.adapter_layers()):
@@ -140,6 +177,7 @@ class AdapterModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; existing: {sorted(self.peft_config)}")
+        self._input_adapter("prepare_inputs", names)  # raises if two prompt adapters would be active
         self.active_adapters = names
         for _, layer in self.adapter_layers():
             layer.active_adapters = list(names)
@@ -314,6 +352,7 @@ class AdapterModel(nn.Module):
             module = layer.current() if keep_trained_copies and isinstance(layer, ModulesToSave) else layer.base_layer
             self.model.set_submodule(key, module)
         self.peft_config = {}
+        self.input_methods = {}
         self.active_adapters = []
         return self.model
 

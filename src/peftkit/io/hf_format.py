@@ -3,6 +3,8 @@
 A folder holds ``adapter_config.json`` (the config's fields, HF names) and
 ``adapter_model.safetensors`` whose keys are ``base_model.model.<module>.<tensor>`` with the
 adapter name left out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+Prompt tuning differs, as in HF: ``prompt_embeddings`` at the top level, and ``base_model.<module>``
+for its modules_to_save copies (the method's ``file_prefix``).
 Keys come from the layers themselves (``adapter_tensors``), never from searching parameter names.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from peftkit.io.atomic import atomic_write_text, atomic_write_with
+from peftkit.registry import method_for_config
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -25,14 +28,15 @@ def adapter_tensor_map(adapter_model: Any, name: str, saved: bool = False) -> di
 
     ``saved``: the tensors as written to a file (``saved_tensors``, which may be a pruned view).
     """
+    prefix = method_for_config(adapter_model.peft_config[name]).file_prefix
     found: dict[str, torch.Tensor] = {}
     for key, layer in adapter_model.adapter_layers():
         if name in layer.adapter_names():
             tensors = layer.saved_tensors(name) if saved else layer.adapter_tensors(name)
             for local, tensor in tensors.items():
-                found[f"{PREFIX}{key}.{local}"] = tensor
+                found[local if layer.top_level_keys else f"{prefix}{key}.{local}"] = tensor
     for key, param in adapter_model.bias_parameters(name).items():
-        found[PREFIX + key] = param
+        found[prefix + key] = param
     return found
 
 

@@ -4,3 +4,4 @@ from peftkit.methods import dora  # noqa: F401
 from peftkit.methods import ia3  # noqa: F401
 from peftkit.methods import adalora  # noqa: F401
 from peftkit.methods import adapter  # noqa: F401
+from peftkit.methods import prompt  # noqa: F401
