@@ -53,3 +53,15 @@ def test_causal_lm_job_lowers_held_out_loss_and_the_adapter_reproduces_it(tmp_pa
     assert summary["after_metrics"]["perplexity"] < summary["before_metrics"]["perplexity"]
     assert len(summary["samples"]) == 2 and all(s["after"] for s in summary["samples"])
     assert metrics["loss"] == pytest.approx(summary["after"], abs=1e-5)
+
+
+def test_prompt_tuning_lowers_smollm2_held_out_loss_and_its_file_reproduces_it(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--task", "causal-lm", "--method", "prompt", "--num-virtual-tokens", "8", "--max-steps", "8",
+            "--learning-rate", "2e-2", "--eval-steps", "8", "--max-eval-samples", "16", "--num-samples", "1",
+            "--max-new-tokens", "8", "--output-dir", str(run), "--no-progress-bar"]
+    assert main(argv) == 0
+    summary, metrics = reload_and_evaluate(run, "causal-lm")
+    assert summary["after"] < summary["before"] - 0.1  # measured 3.594 -> 3.415
+    assert summary["trainable_params"] == 8 * 576  # the prompt only: 8 virtual tokens of SmolLM2's width
+    assert metrics["loss"] == pytest.approx(summary["after"], abs=1e-5)
