@@ -1,6 +1,5 @@
 """A peftkit-wrapped model trains in Hugging Face's transformers.Trainer unchanged."""
 
-import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 from transformers import Trainer as HFTrainer

@@ -75,6 +75,31 @@ class AdapterLayer(nn.Module):
         every merged layer first, so that unmerging a model is all or nothing."""
 
 
+def additive_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """base(x) + sum of ``layer.delta(x, name)`` over its unmerged active adapters (LoRA, AdaLoRA);
+    the base alone when disabled; each row with its own adapter in a mixed batch."""
+    if layer.disabled:
+        return layer.base_layer(x, *args, **kwargs)
+    if layer.batch_adapter_names is not None:
+        return additive_mixed_forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs)
+    for name in layer.unmerged_active():
+        result = result + layer.delta(x, name).to(result.dtype)
+    return result
+
+
+def additive_mixed_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Each row uses its own adapter (or none): equal to running the rows one by one."""
+    if layer.merged:
+        raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+    result = layer.base_layer(x, *args, **kwargs)
+    for name, rows in rows_by_adapter(layer.batch_adapter_names, x.shape[0]).items():
+        if name != BASE and name in layer.adapter_names():
+            rows = rows.to(x.device)
+            result = result.index_add(0, rows, layer.delta(x[rows], name).to(result.dtype))
+    return result
+
+
 def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: str, sign: float = 1.0) -> float:
     """Add ``sign * delta`` to ``weight`` in float32 and round once; return the rounding error.
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from peftkit import DoraConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peftkit import DoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peftkit.methods.dora.layer import DoraLinear, row_norm, row_norm_reference
 from tiny_models import FAMILIES, logits, model_inputs
 

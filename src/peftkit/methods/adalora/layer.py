@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import (BASE, AdapterLayer, linear_layout, merge_into, rows_by_adapter,
+from peftkit.engine.layer import (AdapterLayer, additive_forward, linear_layout, merge_into,
                                   sync_fan_in_fan_out)
 from peftkit.methods.adalora.config import AdaLoraConfig
 
@@ -90,25 +90,7 @@ class AdaLoraLinear(AdapterLayer):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            result = result + self.delta(x, name).to(result.dtype)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row uses its own adapter (or none): equal to running the rows one by one."""
-        if self.merged:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-        result = self.base_layer(x, *args, **kwargs)
-        for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():
-            if name != BASE and name in self.lora_A:
-                rows = rows.to(x.device)
-                result = result.index_add(0, rows, self.delta(x[rows], name).to(result.dtype))
-        return result
+        return additive_forward(self, x, *args, **kwargs)
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s * B diag(E) A dropout(x), with the small factors cast to the activations' dtype."""

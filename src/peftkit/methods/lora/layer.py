@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import (BASE, AdapterLayer, linear_layout, merge_into, rows_by_adapter,
+from peftkit.engine.layer import (AdapterLayer, additive_forward, linear_layout, merge_into,
                                   sync_fan_in_fan_out)
 from peftkit.kernels.lora_linear import lora_linear
 from peftkit.methods.lora.config import LoraConfig
@@ -72,25 +72,7 @@ class LoraLayer(AdapterLayer):
             merge_into(self.base_weight(), self.delta_weight(name), False, name, sign=-1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            result = result + self.delta(x, name).to(result.dtype)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row uses its own adapter (or none): equal to running the rows one by one."""
-        if self.merged:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-        result = self.base_layer(x, *args, **kwargs)
-        for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():
-            if name != BASE and name in self.adapter_names():
-                rows = rows.to(x.device)
-                result = result.index_add(0, rows, self.delta(x[rows], name).to(result.dtype))
-        return result
+        return additive_forward(self, x, *args, **kwargs)
 
     # -- per layer type ------------------------------------------------------------------------
     def make_factors(self, name: str, r: int) -> None:
