@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit as pk
+from hf_interop import assert_same_outputs_and_adapter_matters, load
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -55,13 +56,6 @@ def trained(lib: str, family: str, **overrides):
     return model
 
 
-def load(lib: str, family: str, path, adapter_name: str = "default"):
-    builder = FAMILIES[family][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].PeftModel.from_pretrained(builder(), str(path), adapter_name=adapter_name)
-
-
 def saved_keys(folder) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
 
@@ -83,11 +77,7 @@ def test_trained_adapter_loads_with_identical_outputs(family, src, dst, tmp_path
     model = trained(src, family)
     model.save_pretrained(tmp_path)
     loaded = load(dst, family, tmp_path)
-    inputs = model_inputs()
-    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=ATOL, rtol=0)
-    with loaded.disable_adapter():
-        base = logits(loaded, inputs)
-    assert (base - logits(loaded, inputs)).abs().max() > 1e-4, "the loaded adapter changes nothing"
+    assert_same_outputs_and_adapter_matters(model, loaded, model_inputs(), ATOL)
 
 
 @pytest.mark.parametrize("src,dst", DIRECTIONS)

@@ -7,15 +7,14 @@ fields; ``merge_and_unload`` agrees.
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftkit as pk
 from peftkit.cli.inspect import inspect
+from hf_interop import assert_same_outputs_and_adapter_matters, load, saved
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -57,17 +56,6 @@ def train(lib: str, model, steps: int, allocator: bool) -> None:
     assert values and any(p.abs().max() > 1e-4 for p in values), "training left E at 0"
 
 
-def load(lib: str, family: str, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].PeftModel.from_pretrained(FAMILIES[family][0](), str(path))
-
-
-def saved(folder) -> tuple[dict, dict]:
-    keys = {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
-    return keys, json.loads((folder / "adapter_config.json").read_text())
-
-
 @pytest.mark.parametrize("src,dst", DIRECTIONS)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_trained_adapter_loads_with_identical_outputs(family, src, dst, tmp_path):
@@ -75,11 +63,7 @@ def test_trained_adapter_loads_with_identical_outputs(family, src, dst, tmp_path
     train(src, model, 3, allocator=False)
     model.save_pretrained(tmp_path)
     loaded = load(dst, family, tmp_path)
-    inputs = model_inputs()
-    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=ATOL, rtol=0)
-    with loaded.disable_adapter():
-        base = logits(loaded, inputs)
-    assert (base - logits(loaded, inputs)).abs().max() > 1e-4, "the loaded adapter changes nothing"
+    assert_same_outputs_and_adapter_matters(model, loaded, model_inputs(), ATOL)
 
 
 @pytest.mark.parametrize("src,dst", DIRECTIONS)

@@ -6,16 +6,15 @@ shapes, and config fields; HF's per-architecture defaults load; ``merge_and_unlo
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import peftkit as pk
 from methods.ia3.case import ia3_targets
 from methods.ia3.test_ia3_math import FEEDFORWARD, NAMES, Net
+from hf_interop import assert_same_outputs_and_adapter_matters, load, saved
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -51,17 +50,6 @@ def train(model, steps: int = 3) -> None:
     assert vectors and all((p - 1).abs().max() > 1e-4 for p in vectors), "training left some l at 1"
 
 
-def load(lib: str, family: str, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].PeftModel.from_pretrained(FAMILIES[family][0](), str(path))
-
-
-def saved(folder) -> tuple[dict, dict]:
-    keys = {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
-    return keys, json.loads((folder / "adapter_config.json").read_text())
-
-
 def comparable(config: dict, model) -> dict:
     """Sort lists; keep only modules_to_save entries naming a module (HF lists "score" for BERT too)."""
     names = {k.split(".")[-1] for k, _ in model.get_base_model().named_modules()}
@@ -78,11 +66,7 @@ def test_trained_adapter_loads_with_identical_outputs(family, src, dst, tmp_path
     train(model)
     model.save_pretrained(tmp_path)
     loaded = load(dst, family, tmp_path)
-    inputs = model_inputs()
-    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=ATOL, rtol=0)
-    with loaded.disable_adapter():
-        base = logits(loaded, inputs)
-    assert (base - logits(loaded, inputs)).abs().max() > 1e-4, "the loaded adapter changes nothing"
+    assert_same_outputs_and_adapter_matters(model, loaded, model_inputs(), ATOL)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -7,7 +7,6 @@ fields; TEXT init gives the same prompt; ``generate`` agrees token for token.
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 
 import peftkit as pk
 from methods.prompt.helpers import save_tokenizer
+from hf_interop import load, saved
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -41,17 +41,6 @@ def train(model, steps: int = 3) -> None:
         opt.zero_grad()
     model.eval()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def load(lib: str, family: str, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].PeftModel.from_pretrained(FAMILIES[family][0](), str(path))
-
-
-def saved(folder) -> tuple[dict, dict]:
-    keys = {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
-    return keys, json.loads((folder / "adapter_config.json").read_text())
 
 
 def inputs(family: str) -> dict:

@@ -1,0 +1,41 @@
+"""What the HF-interop tests of every method share: load a saved adapter with either library, read
+a saved folder, and check that an adapter reloaded in the other library gives the same outputs.
+
+Libraries are named as in the tests: "hf" (HF PEFT, a test-only dependency) and "pk" (peftkit).
+A test module still calls ``pytest.importorskip("peft")`` so that it is skipped without HF PEFT.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+
+import torch
+from safetensors.torch import load_file
+
+from tiny_models import FAMILIES, logits
+
+LIBRARY_MODULES = {"hf": "peft", "pk": "peftkit"}
+
+
+def load(lib: str, family: str, path, adapter_name: str = "default"):
+    """The adapter saved in ``path`` on a fresh ``family`` base, loaded by library ``lib``."""
+    library = importlib.import_module(LIBRARY_MODULES[lib])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return library.PeftModel.from_pretrained(FAMILIES[family][0](), str(path), adapter_name=adapter_name)
+
+
+def saved(folder) -> tuple[dict, dict]:
+    """(file key -> tensor shape, adapter_config.json) of a saved adapter folder."""
+    keys = {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    return keys, json.loads((folder / "adapter_config.json").read_text())
+
+
+def assert_same_outputs_and_adapter_matters(model, loaded, inputs: dict, atol: float) -> None:
+    """``loaded`` (the other library's reload of ``model``) gives ``model``'s logits, and its adapter
+    changes them (so the comparison is not between two base models)."""
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=atol, rtol=0)
+    with loaded.disable_adapter():
+        base = logits(loaded, inputs)
+    assert (base - logits(loaded, inputs)).abs().max() > 1e-4, "the loaded adapter changes nothing"
