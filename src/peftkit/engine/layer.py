@@ -100,6 +100,25 @@ def additive_mixed_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **k
     return result
 
 
+def additive_merge(layer: AdapterLayer, names: list[str], safe: bool) -> float:
+    """Fold each named, not yet merged adapter's ``layer.delta_weight(name)`` into the base weight;
+    return the largest rounding error (LoRA, AdaLoRA)."""
+    error = 0.0
+    for name in names:
+        if name in layer.adapter_names() and name not in layer.merged_adapters:
+            error = max(error, merge_into(layer.base_weight(), layer.delta_weight(name), safe, name))
+            layer.merged_adapters.append(name)
+    layer.last_merge_error = error
+    return error
+
+
+def additive_unmerge(layer: AdapterLayer) -> None:
+    """Subtract the merged deltas again, last merged first."""
+    while layer.merged_adapters:
+        name = layer.merged_adapters.pop()
+        merge_into(layer.base_weight(), layer.delta_weight(name), False, name, sign=-1.0)
+
+
 def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: str, sign: float = 1.0) -> float:
     """Add ``sign * delta`` to ``weight`` in float32 and round once; return the rounding error.
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import (AdapterLayer, additive_forward, linear_layout, merge_into,
-                                  sync_fan_in_fan_out)
+from peftkit.engine.layer import (AdapterLayer, additive_forward, additive_merge, additive_unmerge,
+                                  linear_layout, sync_fan_in_fan_out)
 from peftkit.methods.adalora.config import AdaLoraConfig
 
 FACTORS = ("lora_A", "lora_E", "lora_B")
@@ -107,15 +107,7 @@ class AdaLoraLinear(AdapterLayer):
 
     def merge(self, names: list[str], safe: bool = False) -> float:
         """Fold each named adapter into the base weight; return the largest rounding error."""
-        error = 0.0
-        for name in names:
-            if name in self.lora_A and name not in self.merged_adapters:
-                error = max(error, merge_into(self.base_weight(), self.delta_weight(name), safe, name))
-                self.merged_adapters.append(name)
-        self.last_merge_error = error
-        return error
+        return additive_merge(self, names, safe)
 
     def unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            merge_into(self.base_weight(), self.delta_weight(name), False, name, sign=-1.0)
+        additive_unmerge(self)
