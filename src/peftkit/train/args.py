@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -83,7 +84,8 @@ class TrainingArguments:
 
     def steps_per_epoch(self, n_examples: int) -> int:
         """Optimizer steps in one pass over ``n_examples`` (the last batch may be smaller)."""
-        return -(-(-(-n_examples // self.batch_size)) // self.gradient_accumulation_steps)
+        batches = math.ceil(n_examples / self.batch_size)
+        return math.ceil(batches / self.gradient_accumulation_steps)
 
     def planned_steps(self, n_examples: int) -> int:
         """Optimizer steps the run will take: ``max_steps``, else ``epochs`` passes."""
