@@ -202,6 +202,24 @@ def test_saved_file_holds_no_base_weights(family, case, tmp_path):
     assert sum(t.numel() for t in saved.values()) == trainable
 
 
+def test_inspect_finds_every_saved_adapter_tensor(family, case, tmp_path):
+    """Each layer declares its file tensor names (`file_tensors`); `peftkit inspect`, which has no
+    model, counts exactly the saved adapter tensors as the adapter's own through them."""
+    from peftkit.cli.inspect import inspect, summary
+
+    model = build(family, case)
+    for _, layer in model.base_model.adapter_layers():
+        if not isinstance(layer, ModulesToSave):
+            keys = layer.saved_tensors("default")
+            assert keys and all(k.split(".")[0] in type(layer).file_tensors for k in keys), (type(layer), list(keys))
+    model.save_pretrained(tmp_path)
+    own = sum(t.numel() for _, layer in model.base_model.adapter_layers() if not isinstance(layer, ModulesToSave)
+              for t in layer.saved_tensors("default").values())
+    report = summary(inspect(tmp_path))
+    assert report["adapter_parameters"] == own
+    assert not [p for p in report["problems"] if "modules_to_save" not in p]
+
+
 # 8 ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["model", "base", "lora", "layers", "q"])
 def test_adapter_names_change_nothing_but_names(family, case, name, tmp_path):

@@ -24,9 +24,6 @@ from .parser import Parser
 HELP = "describe an adapter folder: method, targets, ranks, parameter counts, base model, problems"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# Tensors that belong to the adapter layer itself, by the HF format's attribute names.
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                  "lora_E", "ia3_l", "hada_w1_a", "oft_r", "adapter_down", "adapter_up", "prompt_embeddings")
 RANKED = {"lora_A": 0, "lora_embedding_A": 0}  # parameter -> axis holding the rank
 
 
@@ -76,12 +73,22 @@ def read_weights(folder: Path, report: Report) -> None:
         report.problems.append(f"{WEIGHTS} cannot be read ({' '.join(str(err).split())}); the file is corrupt")
 
 
+def adapter_param_names() -> frozenset[str]:
+    """The names adapter layers give their own tensors in files, asked of every registered method
+    (each layer type declares them as ``file_tensors``): a new method needs no edit here."""
+    from peftkit.registry import get_method, list_methods
+
+    return frozenset(name for method in list_methods() for rule in get_method(method).layer_rules
+                     for name in getattr(rule.wrapper, "file_tensors", ()))
+
+
 def split_key(key: str) -> tuple[str, str | None]:
     """``base_model.model.a.b.lora_A.weight`` -> (``a.b``, ``lora_A``); non-adapter tensors -> (module, None)."""
     name = key.removeprefix(PREFIX)
     parts = name.split(".")
+    own = adapter_param_names()
     for i, part in enumerate(parts):
-        if part in ADAPTER_PARAMS:
+        if part in own:
             return ".".join(parts[:i]), part
     return ".".join(parts[:-1]), None
 

@@ -8,6 +8,8 @@ adapters. The engine only talks to layers through this small contract:
   the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
   ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors. A layer
   with ``top_level_keys`` true gives whole file keys instead (prompt tuning's ``prompt_embeddings``).
+  ``file_tensors`` names the first part of each of those keys (``lora_A``), so that tools reading a
+  file without a model (``peftkit inspect``) know the adapter's tensors by asking the registry.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
@@ -30,6 +32,7 @@ class AdapterLayer(nn.Module):
 
     can_merge = True
     top_level_keys = False  # True: adapter_tensors keys are file keys as they are, not under the module
+    file_tensors: tuple[str, ...] = ()  # first part of every adapter_tensors key (``lora_A`` of ``lora_A.weight``)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

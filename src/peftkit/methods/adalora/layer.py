@@ -33,6 +33,8 @@ FACTORS = ("lora_A", "lora_E", "lora_B")
 class AdaLoraLinear(AdapterLayer):
     """AdaLoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out))."""
 
+    file_tensors = FACTORS
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)

@@ -38,6 +38,7 @@ class BottleneckLayer(AdapterLayer):
     """Bottleneck adapters on the output of ``nn.Linear`` or GPT-2's ``Conv1D``."""
 
     can_merge = False
+    file_tensors = ("adapter_down", "adapter_up")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

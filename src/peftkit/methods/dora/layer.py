@@ -61,6 +61,8 @@ def row_norm_reference(w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
 class DoraLinear(LoraLinear):
     """DoRA around ``nn.Linear`` or GPT-2's ``Conv1D``: LoRA's factors plus a magnitude per row."""
 
+    file_tensors = ("lora_A", "lora_B", "lora_magnitude_vector")
+
     def __init__(self, base_layer: nn.Module) -> None:
         if not base_layer.weight.is_floating_point():
             raise ValueError(f"DoRA needs a floating-point base weight; {type(base_layer).__name__} stores "

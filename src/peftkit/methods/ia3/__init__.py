@@ -12,6 +12,7 @@ SPEC = register_method(MethodSpec(
     config_cls=IA3Config,
     prepare_config=lambda config, model: config.fill_defaults(getattr(getattr(model, "config", None), "model_type", None)),
     supports="Linear, GPT-2 Conv1D, Conv2d/3d",
+    target_presets=False,  # its per-architecture defaults (key, value, ffn output) fit it, not LoRA's q, v
     summary="Learned vectors rescaling layer outputs, or inputs of feed-forward layers (Liu et al., 2022).",
     layer_rules=[
         LayerRule(lambda m, c: is_linear(m), IA3Linear),

@@ -30,6 +30,8 @@ MIN_UNMERGE = 1e-6  # below this |l|, dividing a merged weight by l cannot give 
 class IA3Layer(AdapterLayer):
     """Bookkeeping and forward shared by the (IA)^3 wrappers; subclasses give l's shape and layout."""
 
+    file_tensors = ("ia3_l",)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()

@@ -99,6 +99,8 @@ def init_pair(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> Non
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out))."""
 
+    file_tensors = ("lora_A", "lora_B")
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
@@ -162,6 +164,8 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``: a low-rank table looked up beside the base table."""
 
+    file_tensors = ("lora_embedding_A", "lora_embedding_B")
+
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
@@ -204,6 +208,8 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA around ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (groups must be 1)."""
+
+    file_tensors = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
         if base_layer.groups != 1:

@@ -37,6 +37,7 @@ class PromptEmbedding(AdapterLayer):
 
     can_merge = False
     top_level_keys = True  # adapter_tensors keys are file keys as they are
+    file_tensors = ("prompt_embeddings",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
