@@ -58,7 +58,7 @@ def expand_add(base, p, q):
 
 
 def build(inp, outs, dev, dt, pad):
-    n, rr = len(outs), R * len(outs)
+    rr = R * len(outs)
     ld = inp + ((rr + pad - 1) // pad) * pad
     tot = sum(outs)
     buf = torch.zeros(tot + rr, ld, device=dev, dtype=dt)
