@@ -260,3 +260,16 @@ def test_hf_config_with_absent_classifier_name_loads(tmp_path):
     loaded = load("pk", "bert", tmp_path)
     inputs = model_inputs()
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=ATOL, rtol=0)
+
+
+def test_inspect_accepts_hf_classifier_names_but_not_a_missing_head(tmp_path):
+    """One of HF's two head names having weights is enough; a listed head with none is a problem."""
+    from peftkit.cli.inspect import inspect
+
+    model = trained("hf", "bert")
+    model.save_pretrained(tmp_path)
+    assert inspect(tmp_path).problems == []
+    config = saved_config(tmp_path)
+    config["modules_to_save"] = ["pooler"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert any("'pooler'" in p for p in inspect(tmp_path).problems)

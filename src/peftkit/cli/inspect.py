@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from peftkit.peft_model import CLASSIFIER_NAMES
+
 from .errors import UserError
 from .parser import Parser
 
@@ -165,8 +167,11 @@ def check_config(report: Report, found: dict) -> None:
         get_method_by_peft_type(config.get("peft_type"))
     except ValueError as err:
         report.problems.append(str(err))
-    for name, count in saved_modules(report).items():
-        if count == 0:
+    counts = saved_modules(report)
+    for name, count in counts.items():
+        # HF lists both usual classifier head names for classification tasks; one of them is enough
+        head_found = name in CLASSIFIER_NAMES and any(counts.get(n) for n in CLASSIFIER_NAMES)
+        if count == 0 and not head_found:
             report.problems.append(f"modules_to_save lists {name!r} but the weights hold no tensors for it")
     base = config.get("base_model_name_or_path")
     if base and not Path(base).exists() and Path(base).is_absolute():
