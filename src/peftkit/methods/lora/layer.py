@@ -24,6 +24,7 @@ from peftkit.engine.layer import (AdapterLayer, additive_forward, additive_merge
                                   linear_layout, sync_fan_in_fan_out)
 from peftkit.kernels.lora_linear import lora_linear
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.mixed import Stack, stacked_delta
 
 
 class LoraLayer(AdapterLayer):
@@ -107,6 +108,7 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.plain_linear = type(base_layer) is nn.Linear  # subclasses may hook forward: no fusion
+        self.mixed_stack: Stack | None = None  # a mixed batch's stacked adapters, reused within one call
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
         sync_fan_in_fan_out(config, self, key)
@@ -119,12 +121,23 @@ class LoraLinear(LoraLayer):
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.stacked_mixed_batch():
+            result = self.base_layer(x, *args, **kwargs)
+            return result + stacked_delta(self, x).to(result.dtype)
         name = self.fused_adapter()
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                            self.scaling[name])
+
+    def stacked_mixed_batch(self) -> bool:
+        """A mixed batch that the stacked path (mixed.py) computes exactly: unmerged, no dropout."""
+        names = self.batch_adapter_names
+        if names is None or self.disabled or self.merged_adapters:
+            return False  # disabled: base only; merged: the general path raises with the fix
+        own = [n for n in set(names) if n in self.r]
+        return bool(own) and not (self.training and any(self.dropout_p[n] > 0 for n in own))
 
     def fused_adapter(self) -> str | None:
         """The one adapter to run as a single fused node, or None when the general path is needed.
