@@ -120,7 +120,8 @@ class PeftModel(nn.Module):
         """(trainable, total) counted like HF PEFT: adapter copies count, frozen base counts once."""
         trainable = total = 0
         for param in self.parameters():
-            count = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+            packed = param.__class__.__name__ == "Params4bit" or param.dtype == torch.uint8  # two 4-bit codes a byte
+            count = param.numel() * (2 if packed else 1)
             total += count
             trainable += count if param.requires_grad else 0
         return trainable, total

@@ -229,11 +229,26 @@ def base_model_of(located: Located, task: str, override: str | None = None) -> P
     return check_model_folder(base)
 
 
-def load_peft(located: Located, task: str, base: Path, label2id: dict | None):
-    """Base model plus the saved adapter, ready for evaluation or generation."""
+def quantize_base(model, run: dict | None):
+    """Quantize ``model`` as the run with config ``run`` (its config.yaml or resolved options) did."""
+    from peftkit.quant import QuantConfig, quantize_model
+
+    if not run or not run.get("quantize"):
+        return model
+    precision = (run.get("training") or {}).get("precision", "fp32")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    config = QuantConfig(bnb_4bit_quant_type=run["quantize"], bnb_4bit_use_double_quant=run.get("double_quant", True),
+                         bnb_4bit_compute_dtype=dtype)
+    return quantize_model(model, config)
+
+
+def load_peft(located: Located, task: str, base: Path, label2id: dict | None, quantized: bool = False):
+    """Base model plus the saved adapter, ready for evaluation or generation; ``quantized``: with the
+    base quantized as in the run that trained it (a merge wants the full-precision base instead)."""
     from peftkit import PeftModel
 
     model = load_classifier(base, label2id) if task == "classification" else load_causal_lm(base)
+    model = quantize_base(model, located.run_config) if quantized else model
     try:
         return PeftModel.from_pretrained(model, str(located.adapter_dir), is_trainable=False)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:

@@ -57,7 +57,7 @@ def evaluate(args) -> dict:
     opts, seed = data_options(args, located)
     tokenizer = common.load_tokenizer(base)
     data = common.build_data(task, tokenizer, opts, seed, label2id=common.labels_of(located))
-    model = common.load_peft(located, task, base, data.label2id)
+    model = common.load_peft(located, task, base, data.label2id, quantized=True)
     targs = TrainingArguments(task=task, eval_batch_size=args.batch_size, device=args.device, progress_bar=False)
     metrics = Trainer(model, targs, eval_dataset=data.eval, collate_fn=data.collate).evaluate()
     return {"task": task, "adapter": str(located.adapter_dir), "examples": len(data.eval), **metrics}

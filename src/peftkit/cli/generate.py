@@ -45,7 +45,7 @@ def load(args):
     tokenizer_dir = located.adapter_dir if (located.adapter_dir / "tokenizer_config.json").is_file() else base
     if args.no_adapter:
         return common.load_causal_lm(base), common.load_tokenizer(tokenizer_dir)
-    return common.load_peft(located, "causal-lm", base, None), common.load_tokenizer(tokenizer_dir)
+    return common.load_peft(located, "causal-lm", base, None, quantized=True), common.load_tokenizer(tokenizer_dir)
 
 
 @torch.no_grad()

@@ -40,6 +40,10 @@ class RunOptions:
     output_dir: str | None = field(
         default=None, metadata={"help": "run folder to create (default: runs/<task>-<method>-<time>)"}
     )
+    quantize: Literal["nf4", "fp4"] | None = field(
+        default=None, metadata={"help": "store the base model's linear layers in 4 bits (QLoRA; LoRA only)"}
+    )
+    double_quant: bool = field(default=True, metadata={"help": "with --quantize: also quantize the block constants"})
 
 
 @dataclass

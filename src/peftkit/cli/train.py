@@ -105,6 +105,7 @@ def prepare(cfg: RunConfig) -> Job:
     fill_run_length(cfg, len(data.train))
     seed_everything(seed)  # the classification head and the adapter start from the seed
     base = common.load_classifier(model_path, data.label2id) if task == "classification" else common.load_causal_lm(model_path)
+    base = quantized_base(base, cfg)
     return Job(cfg, model_path, tokenizer, data, wrap(base, cfg))
 
 
@@ -122,6 +123,16 @@ def fill_run_length(cfg: RunConfig, n_train: int) -> None:
         except ValueError as err:
             raise UserError(f"invalid {cfg.run.method} option: {' '.join(str(err).split())}") from None
         cfg.method_options.update(unset)
+
+
+def quantized_base(base, cfg: RunConfig):
+    """With --quantize: the base's linear layers in 4 bits (only LoRA has a layer for them)."""
+    if cfg.run.quantize is None:
+        return base
+    if cfg.run.method != "lora":
+        raise UserError(f"--quantize trains LoRA on a 4-bit base (QLoRA); {cfg.run.method} has no 4-bit layer: "
+                        "use --method lora, or drop --quantize")
+    return common.quantize_base(base, cfg.to_yaml_dict())
 
 
 def wrap(base, cfg: RunConfig):

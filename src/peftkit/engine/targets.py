@@ -57,6 +57,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A 4-bit ``peftkit.quant.Linear4bit``: "all-linear" selects it; a method adapts it only if it
+    registers a rule for it (LoRA does), others refuse it by name."""
+    from peftkit.quant.linear4bit import Linear4bit
+
+    return isinstance(module, Linear4bit)
+
+
 def name_matches(key: str, targets: str | Iterable[str] | None) -> bool:
     """A regex string must match the whole name; a list entry matches the name or a dotted suffix."""
     if targets is None:
@@ -91,7 +99,7 @@ def is_target(config: Any, key: str, module: nn.Module, heads: set[str]) -> bool
     """Does ``config`` select module ``key``?"""
     targets = config.target_modules
     if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
-        hit = is_linear(module) and key not in heads and not any(key.startswith(h + ".") for h in heads)
+        hit = (is_linear(module) or is_quantized_linear(module)) and key not in heads and not any(key.startswith(h + ".") for h in heads)
     else:
         hit = name_matches(key, targets)
     if not hit or name_matches(key, config.exclude_modules):

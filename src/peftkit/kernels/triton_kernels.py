@@ -171,3 +171,19 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None].to(tl.int64) * n_cols + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- 4-bit dequantization
+@jit
+def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = CODE[c_i] * ABSMAX[i // QBLOCK], rounded once to OUT's dtype.
+
+    c_i is value i's 4-bit code: the high nibble of PACKED[i // 2] for even i, the low one for odd i.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    byte = tl.load(PACKED + offs // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+    q = tl.load(CODE + code, mask=mask, other=0.0)
+    a = tl.load(ABSMAX + offs // QBLOCK, mask=mask, other=0.0)
+    tl.store(OUT + offs, (q * a).to(OUT.dtype.element_ty), mask=mask)

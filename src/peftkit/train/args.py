@@ -8,6 +8,7 @@ from typing import Literal
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
 TASKS = ("classification", "causal-lm")
 
 
@@ -56,6 +57,9 @@ class TrainingArguments:
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
     tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
+    optim: Literal["adamw_torch", "paged_adamw_32bit"] = field(
+        default="adamw_torch", metadata={"help": "adamw_torch, or paged_adamw_32bit (AdamW state kept in host memory)"}
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps")
@@ -63,6 +67,7 @@ class TrainingArguments:
         _positive_or_none(self, "max_steps", "eval_steps", "save_steps", "early_stopping_patience")
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "lr_scheduler", SCHEDULES)
+        _one_of(self, "optim", OPTIMIZERS)
         if self.task is not None:
             _one_of(self, "task", TASKS)
         for name in ("weight_decay", "warmup_steps"):

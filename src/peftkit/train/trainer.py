@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .args import TrainingArguments
 from .loader import ResumableBatches, eval_batches
+from .paged_adamw import PagedAdamW
 from .metrics import PLOT_FILE, EvalAccumulator, MetricsLog, plot_curves, read_metrics
 from .schedule import make_scheduler, warmup_steps_for
 
@@ -131,8 +132,11 @@ class Trainer:
             raise ValueError("the model has no trainable parameters; wrap it with get_peft_model first")
         return params
 
-    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         a = self.args
+        if a.optim == "paged_adamw_32bit":
+            return PagedAdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                              weight_decay=a.weight_decay)
         fused = self.device.type == "cuda" and all(p.is_floating_point() for p in params)
         return torch.optim.AdamW(
             params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,

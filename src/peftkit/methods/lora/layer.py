@@ -106,9 +106,11 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
+        self.fan_in_fan_out, self.in_features, self.out_features = self.layout(base_layer)
         self.plain_linear = type(base_layer) is nn.Linear  # subclasses may hook forward: no fusion
         self.mixed_stack: Stack | None = None  # a mixed batch's stacked adapters, reused within one call
+
+    layout = staticmethod(linear_layout)  # (fan_in_fan_out, in, out) of the base; 4-bit bases override
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
         sync_fan_in_fan_out(config, self, key)

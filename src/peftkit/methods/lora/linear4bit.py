@@ -1,0 +1,63 @@
+"""LoRA on a 4-bit base (QLoRA, Dettmers et al., 2023).
+
+    h = dequant(W_q) x + b + s * B A dropout(x),    s = lora_alpha / r
+
+W_q is a frozen ``peftkit.quant.Linear4bit`` (NF4/FP4 codes, rebuilt in its compute dtype per
+matmul); A and B are ordinary fp32 LoRA factors, initialised and saved exactly as for ``nn.Linear``,
+so an adapter trained here is an ordinary LoRA file (HF PEFT loads it onto the full-precision model).
+
+Merging cannot add B A to 4-bit codes exactly. ``merge`` rebuilds W = dequant(W_q) in float32,
+adds s B A and quantizes the sum again:
+
+    W_q' = quant(dequant(W_q) + s B A),    error = max |dequant(W_q') - (dequant(W_q) + s B A)|
+
+The error (the added rounding, up to half a code step times each block's absmax) is returned and
+reported like any merge error. ``unmerge`` puts back the codes saved at the first merge, bit for bit.
+For an exact merged model, load the adapter onto the full-precision base and merge there.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from peftkit.methods.lora.layer import LoraLinear
+from peftkit.quant.linear4bit import Linear4bit
+
+
+def layout_4bit(base_layer: Linear4bit) -> tuple[bool, int, int]:
+    return False, base_layer.in_features, base_layer.out_features
+
+
+class Lora4bitLinear(LoraLinear):
+    """LoRA around ``Linear4bit``; the forward is the general (unfused) LoRA path."""
+
+    layout = staticmethod(layout_4bit)
+
+    def __init__(self, base_layer: Linear4bit) -> None:
+        super().__init__(base_layer)
+        self.premerge: dict[str, torch.Tensor] | None = None  # codes before the first merge
+
+    def merge(self, names: list[str], safe: bool = False) -> float:
+        todo = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
+        if not todo:
+            return self.last_merge_error
+        base = self.base_layer
+        exact = base.dequantize(torch.float32) + sum(self.delta_weight(n) for n in todo)  # (out, in)
+        if safe and not torch.isfinite(exact).all():
+            raise ValueError(f"merging adapter {todo[0]!r} would put NaN/inf into the weights; "
+                             "the adapter is broken (check its training run), nothing was changed")
+        if self.premerge is None:
+            self.premerge = base.quantized_tensors()
+        base.requantize(exact)
+        self.merged_adapters += todo
+        self.last_merge_error = (base.dequantize(torch.float32) - exact).abs().max().item()
+        warnings.warn("merging into a 4-bit weight quantizes W + s B A again; the added rounding is reported in "
+                      "last_merge_error. Merge onto the full-precision base for an exact merged model")
+        return self.last_merge_error
+
+    def unmerge(self) -> None:
+        if self.premerge is not None:
+            self.base_layer.restore(self.premerge)
+        self.premerge = None
+        self.merged_adapters = []
