@@ -15,6 +15,8 @@ class MethodCase:
     supports_mixed_batch: bool = True
     identity_init: bool = True  # False: no init leaves outputs unchanged (prompt tuning prepends tokens)
     stacks: bool = True  # False: set_adapter refuses several of its adapters active at once
+    gradient_checkpointing: bool = True  # False: training under gradient checkpointing raises (prefix tuning)
+    saves_folded: bool = False  # True: the file holds the trained encoder's output, not its tensors (P-tuning)
     extra: dict = field(default_factory=dict)
 
     def config(self, targets: list[str], task: str, identity: bool = False, **overrides: Any) -> Any:

@@ -28,3 +28,7 @@ from methods.adapter.case import CASE as ADAPTER_CASE  # noqa: E402
 from methods.prompt.case import CASE as PROMPT_CASE  # noqa: E402
 
 CASES += [DORA_CASE, IA3_CASE, ADALORA_CASE, ADAPTER_CASE, PROMPT_CASE]
+from methods.prefix.case import CASE as PREFIX_CASE  # noqa: E402
+from methods.ptuning.case import CASE as PTUNING_CASE  # noqa: E402
+
+CASES += [PREFIX_CASE, PTUNING_CASE]

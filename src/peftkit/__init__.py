@@ -9,6 +9,8 @@ from peftkit.methods.ia3 import IA3Config  # noqa: E402
 from peftkit.methods.dora import DoraConfig  # noqa: E402
 from peftkit.methods.lora import LoraConfig  # noqa: E402
 from peftkit.methods.prompt import PromptTuningConfig  # noqa: E402
+from peftkit.methods.prefix import PrefixTuningConfig, PTuningV2Config  # noqa: E402
+from peftkit.methods.ptuning import PromptEncoderConfig  # noqa: E402
 from peftkit.peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -27,3 +29,4 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
     "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",
 ]
+__all__ += ["PrefixTuningConfig", "PTuningV2Config", "PromptEncoderConfig"]

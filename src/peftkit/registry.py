@@ -42,6 +42,9 @@ class MethodSpec:
     prepare_inputs: Callable[[nn.Module, str, dict], dict] | None = None  # (adapter_model, name, kwargs) -> kwargs
     generating: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> context for generate
     file_prefix: str = "base_model.model."  # HF key prefix of modules_to_save copies in this method's files
+    # (config) -> the fix to print when a file does not fit an adapter of this config, where the method
+    # knows better than "load it onto its base model" (files that fold a trained encoder away), or None.
+    load_fix: Callable[[object], str | None] | None = None
     # Training hooks the trainer calls through the model (None: the method has none).
     extra_loss: Callable[[nn.Module, str], object] | None = None  # (adapter_model, name) -> Tensor | None
     after_step: Callable[[nn.Module, str, int], None] | None = None  # (adapter_model, name, global_step)

@@ -65,3 +65,15 @@ def test_prompt_tuning_lowers_smollm2_held_out_loss_and_its_file_reproduces_it(t
     assert summary["after"] < summary["before"] - 0.1  # measured 3.594 -> 3.415
     assert summary["trainable_params"] == 8 * 576  # the prompt only: 8 virtual tokens of SmolLM2's width
     assert metrics["loss"] == pytest.approx(summary["after"], abs=1e-5)
+
+
+def test_ptuning_v2_lowers_smollm2_held_out_loss_and_its_file_reproduces_it(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--task", "causal-lm", "--method", "ptuning_v2", "--num-virtual-tokens", "8", "--max-steps", "8",
+            "--learning-rate", "1e-2", "--eval-steps", "8", "--max-eval-samples", "16", "--num-samples", "1",
+            "--max-new-tokens", "8", "--output-dir", str(run), "--no-progress-bar"]
+    assert main(argv) == 0
+    summary, metrics = reload_and_evaluate(run, "causal-lm")
+    assert summary["after"] < summary["before"] - 0.1, summary  # measured 9.436 -> 4.781
+    assert summary["trainable_params"] == 8 * 30 * 2 * 3 * 64  # p x layers x (key, value) x 3 KV heads x 64
+    assert metrics["loss"] == pytest.approx(summary["after"], abs=1e-5)

@@ -128,8 +128,13 @@ def _mismatch_message(adapter_model: Any, name: str, missing: list[str], extra: 
                          ("in the file but not in the model", extra)):
         if items:
             lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
-    lines.append("  fix: load it onto the base model it was trained on, with the same config")
+    lines.append(f"  fix: {_method_fix(adapter_model.peft_config.get(name))}")
     return "\n".join(lines)
+
+
+def _method_fix(config: Any) -> str:
+    hook = method_for_config(config).load_fix if config is not None else None
+    return (hook(config) if hook else None) or "load it onto the base model it was trained on, with the same config"
 
 
 def write_model_card(folder: str | os.PathLike, config: Any) -> None:

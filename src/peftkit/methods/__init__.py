@@ -5,3 +5,5 @@ from peftkit.methods import ia3  # noqa: F401
 from peftkit.methods import adalora  # noqa: F401
 from peftkit.methods import adapter  # noqa: F401
 from peftkit.methods import prompt  # noqa: F401
+from peftkit.methods import prefix  # noqa: F401
+from peftkit.methods import ptuning  # noqa: F401

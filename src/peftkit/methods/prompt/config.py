@@ -33,14 +33,7 @@ class PromptTuningConfig(PeftConfig):
         self.peft_type = "PROMPT_TUNING"
         super().__post_init__()
         self.prompt_tuning_init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
-        check_field(positive(self.num_virtual_tokens), "num_virtual_tokens", self.num_virtual_tokens, "a positive int")
-        check_field(self.token_dim is None or positive(self.token_dim), "token_dim", self.token_dim,
-                    "a positive int, or None to use the model's embedding width")
-        check_field(self.num_transformer_submodules in (None, 1), "num_transformer_submodules",
-                    self.num_transformer_submodules, "1 or None: peftkit's prompt tuning supports decoder-only "
-                    "and encoder models, not encoder-decoder ones (use LoRA there)")
-        check_field(self.task_type != "SEQ_2_SEQ_LM", "task_type", self.task_type,
-                    "a decoder-only or encoder task; encoder-decoder prompt tuning is not supported (use LoRA)")
+        check_virtual_tokens(self)
         check_field(self.prompt_tuning_init in INITS, "prompt_tuning_init", self.prompt_tuning_init, f"one of {INITS}")
         self._check_text_init()
 
@@ -55,13 +48,36 @@ class PromptTuningConfig(PeftConfig):
 
     def fill_from_model(self, model: nn.Module) -> None:
         """Fill the unset sizes from the model, as HF PEFT does, so the saved file matches HF's."""
-        cfg = getattr(model, "config", None)
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        if self.token_dim is None:
-            self.token_dim = model.get_input_embeddings().embedding_dim
-        if self.num_transformer_submodules is None:
-            self.num_transformer_submodules = 1
-        for ours, theirs in (("num_attention_heads", ("num_attention_heads", "n_head")),
-                             ("num_layers", ("num_hidden_layers", "n_layer", "num_layers"))):
-            if getattr(self, ours) is None:
-                setattr(self, ours, next((getattr(cfg, n) for n in theirs if getattr(cfg, n, None)), None))
+        fill_model_sizes(self, model)
+
+
+def check_virtual_tokens(config: PeftConfig) -> None:
+    """The fields every virtual-token method shares (prompt tuning, P-tuning, prefix tuning)."""
+    check_field(positive(config.num_virtual_tokens), "num_virtual_tokens", config.num_virtual_tokens, "a positive int")
+    check_field(config.token_dim is None or positive(config.token_dim), "token_dim", config.token_dim,
+                "a positive int, or None to use the model's width")
+    check_field(config.num_transformer_submodules in (None, 1), "num_transformer_submodules",
+                config.num_transformer_submodules, "1 or None: peftkit's virtual-token methods support "
+                "decoder-only and encoder models, not encoder-decoder ones (use LoRA there)")
+    check_field(config.task_type != "SEQ_2_SEQ_LM", "task_type", config.task_type,
+                "a decoder-only or encoder task; encoder-decoder models are not supported here (use LoRA)")
+
+
+def model_config(model: nn.Module) -> object:
+    """The (text) config of a transformers model, or None."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def fill_model_sizes(config: PeftConfig, model: nn.Module) -> None:
+    """Fill unset ``token_dim`` (the input embedding width), ``num_transformer_submodules`` (1),
+    ``num_attention_heads`` and ``num_layers`` from the model's config, as HF PEFT does."""
+    cfg = model_config(model)
+    if config.token_dim is None:
+        config.token_dim = model.get_input_embeddings().embedding_dim
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 1
+    for ours, theirs in (("num_attention_heads", ("num_attention_heads", "n_head")),
+                         ("num_layers", ("num_hidden_layers", "n_layer", "num_layers"))):
+        if getattr(config, ours) is None:
+            setattr(config, ours, next((getattr(cfg, n) for n in theirs if getattr(cfg, n, None)), None))

@@ -65,6 +65,9 @@ class PromptEmbedding(AdapterLayer):
         weight = self.prompt_encoder[name].weight  # (p, d)
         return weight.unsqueeze(0).expand(batch, -1, -1)
 
+    def virtual_tokens(self, name: str) -> int:
+        return self.prompt_encoder[name].num_embeddings
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
 
