@@ -67,6 +67,7 @@ class PromptEncoderEmbedding(AdapterLayer):
 
     can_merge = False
     top_level_keys = True  # adapter_tensors keys are file keys as they are
+    file_tensors = (FILE_KEY,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
