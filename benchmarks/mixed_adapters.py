@@ -12,8 +12,8 @@ adapters round-robin. Per contender, in this process, on the same prompts:
   hf_peft          HF PEFT's generate(adapter_names=...) on the same adapters
   one_adapter      peftkit with a single adapter for every row (no mixing): the ceiling
 
-It reports the prefill time (one forward over the prompts), greedy decode tokens/s, and peak
-memory, and checks that the contenders' greedy tokens agree with peftkit's.
+It reports the prefill time (one forward over the prompts), greedy decode tokens/s, peak memory,
+and the largest difference of the prompts' last logits from peftkit's (beside the logits' spread).
 """
 
 from __future__ import annotations
@@ -61,22 +61,21 @@ def run(contender: str, n: int, args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, 128256, (args.batch, args.prompt), device="cuda", generator=gen)
     kwargs = {} if names is None else {"adapter_names": names}
+    from peftkit.methods.lora.layer import LoraLinear
+    stacked = LoraLinear.stacked_mixed_batch
     if contender == "peftkit_loop":
-        from peftkit.methods.lora.layer import LoraLinear
         LoraLinear.stacked_mixed_batch = lambda self: False
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        prefill, _ = timed(lambda: peft_model(input_ids=ids, **kwargs).logits[:, -1])
+        prefill, logits = timed(lambda: peft_model(input_ids=ids, **kwargs).logits[:, -1].float())
         generate = lambda: peft_model.generate(input_ids=ids, max_new_tokens=args.new,  # noqa: E731
                                                min_new_tokens=args.new, do_sample=False, **kwargs)
         total, tokens = timed(generate, repeat=2)
-    if contender == "peftkit_loop":
-        from peftkit.methods.lora.layer import LoraLinear
-        del LoraLinear.stacked_mixed_batch
+    LoraLinear.stacked_mixed_batch = stacked
     decode = max(total - prefill, 1e-9)
     return dict(contender=contender, adapters=n, prefill_ms=prefill * 1e3,
                 decode_tok_s=args.batch * args.new / decode, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                tokens=tokens[:, args.prompt:].cpu())
+                tokens=tokens[:, args.prompt:].cpu(), logits=logits.cpu())
 
 
 def main():
@@ -89,14 +88,16 @@ def main():
     args = parser.parse_args()
     print(f"1B shape, bf16, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens (greedy)")
     print(f"{'contender':14} {'adapters':>8} {'prefill ms':>11} {'decode tok/s':>13} {'peak GiB':>9} "
-          f"{'vs peftkit':>10} {'same tokens':>12}")
+          f"{'vs peftkit':>10} {'max|dlogit|':>12}")
     for n in [int(v) for v in args.adapters.split(",")]:
         rows = [run(c, n, args) for c in args.contenders.split(",")]
         ref = rows[0]
+        print(f"-- {n} adapters; logits' standard deviation {ref['logits'].std().item():.3f}")
         for r in rows:
-            same = "-" if r["contender"] == "one_adapter" else f"{(r['tokens'] == ref['tokens']).float().mean().item():.1%}"
+            # greedy tokens of a random-weight model split at near-ties, so compare the prefill logits
+            diff = "-" if r["contender"] == "one_adapter" else f"{(r['logits'] - ref['logits']).abs().max().item():.3f}"
             print(f"{r['contender']:14} {r['adapters']:8d} {r['prefill_ms']:11.1f} {r['decode_tok_s']:13.0f} "
-                  f"{r['peak_gib']:9.2f} {r['decode_tok_s'] / ref['decode_tok_s']:9.2f}x {same:>12}")
+                  f"{r['peak_gib']:9.2f} {r['decode_tok_s'] / ref['decode_tok_s']:9.2f}x {diff:>12}")
             torch.cuda.empty_cache()
 
 

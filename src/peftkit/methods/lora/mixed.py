@@ -23,7 +23,7 @@ mixed-batch call: `generate` reuses them for every token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,7 @@ class Stack:
     As: torch.Tensor  # (n + 1, R, in)
     Bs: torch.Tensor  # (n + 1, out, R)
     scales: torch.Tensor  # (n + 1,)
+    row_slots: dict[int, torch.Tensor] = field(default_factory=dict)  # batch rows -> (rows,) slots, on device
 
 
 def build_stack(layer, names: list[str], dtype: torch.dtype) -> Stack:
@@ -57,11 +58,14 @@ def build_stack(layer, names: list[str], dtype: torch.dtype) -> Stack:
 
 
 def row_slots(stack: Stack, names: list[str], rows: int, device) -> torch.Tensor:
-    """(rows,) slot per row; names repeat when generate expanded each row (beams, samples)."""
-    if rows % len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {rows} rows")
-    slots = torch.tensor([stack.slots.get(n, 0) for n in names], device=device)
-    return slots.repeat_interleave(rows // len(names))
+    """(rows,) slot per row; names repeat when generate expanded each row (beams, samples). Kept
+    with the stack, so decoding copies it to the device once per call, not once per layer and token."""
+    if rows not in stack.row_slots:
+        if rows % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {rows} rows")
+        slots = torch.tensor([stack.slots.get(n, 0) for n in names], device=device)
+        stack.row_slots[rows] = slots.repeat_interleave(rows // len(names))
+    return stack.row_slots[rows]
 
 
 def stacked_delta(layer, x: torch.Tensor) -> torch.Tensor:
