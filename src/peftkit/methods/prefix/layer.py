@@ -31,10 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.engine.layer import AdapterLayer
-
-FILE_KEY = "prompt_embeddings"  # HF's key for Z, at the top level of the file
-
+from peftkit.methods.prompt.layer import InputEmbedding, encoder_tensors, folded_output
 
 class PrefixEncoder(nn.Module):
     """Z above; attribute names as in HF PEFT (``embedding``, ``transform``)."""
@@ -59,49 +56,23 @@ class PrefixEncoder(nn.Module):
         return self.transform(table) if self.projected else table
 
 
-class PrefixEmbedding(AdapterLayer):
-    """Wraps the word embeddings; holds one prefix encoder per adapter; never merges."""
-
-    can_merge = False
-    top_level_keys = True  # adapter_tensors keys are file keys as they are
-    file_tensors = (FILE_KEY,)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.prompt_encoder = nn.ModuleDict()
+class PrefixEmbedding(InputEmbedding):
+    """Holds one prefix encoder per adapter (the anchor on the input embeddings; see above)."""
 
     def add_adapter(self, name: str, config: Any, key: str) -> None:
         encoder = PrefixEncoder(config, folded=config.inference_mode)
         self.prompt_encoder[name] = encoder.to(self.base_layer.weight.device)
 
-    def delete_adapter(self, name: str) -> None:
-        del self.prompt_encoder[name]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.prompt_encoder.keys())
-
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Z as the file holds it, or (projected, training) E and the MLP, which no file holds."""
         encoder = self.prompt_encoder[name]
-        if not encoder.projected:
-            return {FILE_KEY: encoder.embedding.weight}
-        return {f"prompt_encoder.{k}": t for k, t in encoder.named_parameters()}
+        return encoder_tensors(encoder, table_only=not encoder.projected)
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {FILE_KEY: self.prompt_encoder[name]()[0]}  # Z: (p, L*2*d)
+        return folded_output(self.prompt_encoder[name])  # Z: (p, L*2*d)
 
     def prefix(self, name: str) -> torch.Tensor:
         return self.prompt_encoder[name]()
 
     def virtual_tokens(self, name: str) -> int:
         return self.prompt_encoder[name].embedding.num_embeddings
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs)
-
-    # The wrapper stands where get_input_embeddings() looks; callers read these off it.
-    weight = property(lambda self: self.base_layer.weight)
-    num_embeddings = property(lambda self: self.base_layer.num_embeddings)
-    embedding_dim = property(lambda self: self.base_layer.embedding_dim)
-    padding_idx = property(lambda self: self.base_layer.padding_idx)

@@ -32,16 +32,56 @@ from peftkit.engine.layer import AdapterLayer
 FILE_KEY = "prompt_embeddings"  # HF's key, at the top level of the file (no module path)
 
 
-class PromptEmbedding(AdapterLayer):
-    """Wraps the word embeddings; holds one soft prompt per adapter; never merges."""
+class InputEmbedding(AdapterLayer):
+    """What the input-level wrappers (prompt tuning, P-tuning, prefix tuning) share: they stand where
+    ``get_input_embeddings()`` looks, pass the embedding through unchanged, never merge, and hold one
+    module per adapter in ``prompt_encoder`` (HF's attribute name) whose file tensor is a top-level
+    ``prompt_embeddings``. Each method adds how the module is built and what it produces."""
 
     can_merge = False
     top_level_keys = True  # adapter_tensors keys are file keys as they are
-    file_tensors = ("prompt_embeddings",)
+    file_tensors = (FILE_KEY,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_encoder = nn.ModuleDict()
+
+    def delete_adapter(self, name: str) -> None:
+        del self.prompt_encoder[name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.prompt_encoder.keys())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)
+
+    # Callers of get_input_embeddings() read these off the wrapper.
+    weight = property(lambda self: self.base_layer.weight)
+    num_embeddings = property(lambda self: self.base_layer.num_embeddings)
+    embedding_dim = property(lambda self: self.base_layer.embedding_dim)
+    padding_idx = property(lambda self: self.base_layer.padding_idx)
+
+
+def encoder_tensors(encoder: nn.Module, table_only: bool) -> dict[str, torch.Tensor]:
+    """An encoder's trainable tensors: its table under the file key when that is all it trains
+    (folded, or no reparameterization), else its own parameters, which no file holds."""
+    if table_only:
+        return {FILE_KEY: encoder.embedding.weight}
+    return {f"prompt_encoder.{k}": t for k, t in encoder.named_parameters()}
+
+
+def folded_output(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """What HF's file holds for an encoder: its output (1, p, X)[0], computed in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        table = encoder()[0]
+    encoder.train(was_training)
+    return {FILE_KEY: table}
+
+
+class PromptEmbedding(InputEmbedding):
+    """Holds one soft prompt (an ``nn.Embedding(p, d)``) per adapter."""
 
     def add_adapter(self, name: str, config: Any, key: str) -> None:
         embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)  # (p, d), N(0, 1)
@@ -50,12 +90,6 @@ class PromptEmbedding(AdapterLayer):
             with torch.no_grad():
                 embedding.weight.copy_(self.base_layer(initial_ids(config, self.base_layer)).float())
         self.prompt_encoder[name] = embedding
-
-    def delete_adapter(self, name: str) -> None:
-        del self.prompt_encoder[name]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.prompt_encoder.keys())
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {FILE_KEY: self.prompt_encoder[name].weight}
@@ -67,15 +101,6 @@ class PromptEmbedding(AdapterLayer):
 
     def virtual_tokens(self, name: str) -> int:
         return self.prompt_encoder[name].num_embeddings
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs)
-
-    # The wrapper stands where get_input_embeddings() looks; callers read these off it.
-    weight = property(lambda self: self.base_layer.weight)
-    num_embeddings = property(lambda self: self.base_layer.num_embeddings)
-    embedding_dim = property(lambda self: self.base_layer.embedding_dim)
-    padding_idx = property(lambda self: self.base_layer.padding_idx)
 
 
 def initial_ids(config: Any, embeddings: nn.Embedding) -> torch.Tensor:

@@ -29,10 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.engine.layer import AdapterLayer
-
-FILE_KEY = "prompt_embeddings"  # HF's key for the folded prompt, at the top level of the file
-
+from peftkit.methods.prompt.layer import InputEmbedding, encoder_tensors, folded_output
 
 class PromptEncoder(nn.Module):
     """``f(V)`` above; attribute names as in HF PEFT (``embedding``, ``mlp_head``, ``lstm_head``).
@@ -62,43 +59,21 @@ class PromptEncoder(nn.Module):
         return table
 
 
-class PromptEncoderEmbedding(AdapterLayer):
-    """Wraps the word embeddings; holds one prompt encoder per adapter; never merges."""
-
-    can_merge = False
-    top_level_keys = True  # adapter_tensors keys are file keys as they are
-    file_tensors = (FILE_KEY,)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.prompt_encoder = nn.ModuleDict()
+class PromptEncoderEmbedding(InputEmbedding):
+    """Holds one prompt encoder per adapter; the prompt enters through prompt tuning's inputs.py."""
 
     def add_adapter(self, name: str, config: Any, key: str) -> None:
         encoder = PromptEncoder(config, folded=config.inference_mode)
         self.prompt_encoder[name] = encoder.to(self.base_layer.weight.device)
 
-    def delete_adapter(self, name: str) -> None:
-        del self.prompt_encoder[name]
-
-    def adapter_names(self) -> list[str]:
-        return list(self.prompt_encoder.keys())
-
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Folded: the file's table. Training: the encoder's own tensors, which no file holds."""
         encoder = self.prompt_encoder[name]
-        if encoder.kind == "FOLDED":
-            return {FILE_KEY: encoder.embedding.weight}
-        return {f"prompt_encoder.{k}": t for k, t in encoder.named_parameters()}
+        return encoder_tensors(encoder, table_only=encoder.kind == "FOLDED")
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """HF's file: the prompt ``f(V)`` (p, d), computed in eval mode (no dropout)."""
-        encoder = self.prompt_encoder[name]
-        was_training = encoder.training
-        encoder.eval()
-        with torch.no_grad():
-            prompt = encoder()[0]  # (p, d)
-        encoder.train(was_training)
-        return {FILE_KEY: prompt}
+        return folded_output(self.prompt_encoder[name])
 
     def prompt(self, name: str, batch: int) -> torch.Tensor:
         """(batch, p, d): the encoder runs once, its output is shared by every row."""
@@ -106,12 +81,3 @@ class PromptEncoderEmbedding(AdapterLayer):
 
     def virtual_tokens(self, name: str) -> int:
         return self.prompt_encoder[name].embedding.num_embeddings
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs)
-
-    # The wrapper stands where get_input_embeddings() looks; callers read these off it.
-    weight = property(lambda self: self.base_layer.weight)
-    num_embeddings = property(lambda self: self.base_layer.num_embeddings)
-    embedding_dim = property(lambda self: self.base_layer.embedding_dim)
-    padding_idx = property(lambda self: self.base_layer.padding_idx)
