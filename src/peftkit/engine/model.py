@@ -86,6 +86,8 @@ class AdapterModel(nn.Module):
                 self._wrap(key, name, config, spec)
             for key in self._modules_to_save_keys(config):
                 self._wrap_to_save(key, name, config)
+            if spec.after_inject is not None:
+                spec.after_inject(self, name)
         except Exception:
             self._remove_traces(name)
             raise

@@ -4,6 +4,7 @@ method without the MLP, registered under its own name (``--method ptuning_v2``).
 from torch import nn
 
 from peftkit.methods.prefix.config import PrefixTuningConfig, PTuningV2Config
+from peftkit.methods.prefix.init import init_from_text
 from peftkit.methods.prefix.inputs import generating, prepare_inputs
 from peftkit.methods.prefix.layer import PrefixEmbedding, PrefixEncoder
 from peftkit.methods.prompt import input_embedding_key
@@ -36,6 +37,7 @@ def _spec(name: str, config_cls: type, summary: str, claims=None) -> MethodSpec:
         generating=generating,
         file_prefix="base_model.",
         load_fix=load_fix,
+        after_inject=init_from_text,
     ))
 
 

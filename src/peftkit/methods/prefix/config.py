@@ -10,6 +10,7 @@ from peftkit.config import PeftConfig, check_field
 from peftkit.methods.prompt.config import check_virtual_tokens, model_config, positive
 
 INITS = (None, "zero")
+CREATION_ONLY = ("prefix_init_text", "tokenizer_name_or_path")  # used when the adapter is made, never saved
 
 
 @dataclass
@@ -25,17 +26,34 @@ class PrefixTuningConfig(PeftConfig):
     init_weights: str | None = field(default=None, metadata={"help": "None: N(0, 1) prefixes (PyTorch's init); 'zero': zero prefixes (the projection's last layer zero)."})
     encoder_hidden_size: int | None = field(default=None, metadata={"help": "Hidden width of the reparameterization MLP (prefix_projection); unset: token_dim."})
     prefix_projection: bool = field(default=False, metadata={"help": "Train the prefixes through an MLP (Li & Liang's reparameterization), folded away on saving."})
+    # peftkit's own, used once when the adapter is created and not written to adapter_config.json
+    # (the file holds the trained prefix; HF PEFT would warn on keys it does not know).
+    prefix_init_text: str | None = field(default=None, metadata={"help": "Start the prefix as the frozen model's own keys/values for this text (Li & Liang's init from real words), repeated or cut to num_virtual_tokens tokens; decoder models, prefix_projection off."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder for prefix_init_text; unset: the model's own folder."})
 
     def __post_init__(self) -> None:
         self.peft_type = "PREFIX_TUNING"
         super().__post_init__()
         check_virtual_tokens(self)
         check_field(self.init_weights in INITS, "init_weights", self.init_weights, f"one of {INITS}")
+        text = self.prefix_init_text
+        check_field(text is None or (isinstance(text, str) and text.strip() != ""), "prefix_init_text", text,
+                    "a non-empty text, or None")
+        check_field(text is None or not self.prefix_projection, "prefix_init_text", text,
+                    "None with prefix_projection=True (the text sets the prefix itself, not the MLP's input)")
+        check_field(text is None or self.init_weights is None, "prefix_init_text", text,
+                    f"None with init_weights={self.init_weights!r} (pick one initialisation)")
         check_field(isinstance(self.prefix_projection, bool), "prefix_projection", self.prefix_projection, "true or false")
         for name in ("encoder_hidden_size", "num_attention_heads", "num_layers"):
             value = getattr(self, name)
             check_field(value is None or positive(value), name, value, "a positive int, or None to take it from the model")
         self.check_heads()
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        for key in CREATION_ONLY:
+            data.pop(key)
+        return data
 
     def check_heads(self) -> None:
         heads, dim = self.num_attention_heads, self.token_dim

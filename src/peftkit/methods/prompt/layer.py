@@ -108,18 +108,22 @@ def initial_ids(config: Any, embeddings: nn.Embedding) -> torch.Tensor:
     p, device = config.num_virtual_tokens, embeddings.weight.device
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
         return torch.randint(0, embeddings.num_embeddings, (p,), device=device)
-    ids = text_ids(config)
-    ids = (ids * math.ceil(p / len(ids)))[:p]  # repeat, then cut to p
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    ids = text_ids(config.prompt_tuning_init_text, config.tokenizer_name_or_path, config.tokenizer_kwargs)
+    return repeat_to(ids, p, device)
 
 
-def text_ids(config: Any) -> list[int]:
+def repeat_to(ids: list[int], p: int, device: torch.device | str) -> torch.Tensor:
+    """(p,) ids: repeated, then cut to p."""
+    return torch.tensor((ids * math.ceil(p / len(ids)))[:p], dtype=torch.long, device=device)
+
+
+def text_ids(text: str, tokenizer_name_or_path: str, tokenizer_kwargs: dict | None = None) -> list[int]:
     from transformers import AutoTokenizer
 
-    kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
-    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    kwargs = {k: v for k, v in (tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path, **kwargs)
+    ids = tokenizer(text)["input_ids"]
     if not ids:
-        raise ValueError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} tokenises to no "
-                         f"tokens with {config.tokenizer_name_or_path!r}; use a longer text")
+        raise ValueError(f"the init text {text!r} tokenises to no tokens with {tokenizer_name_or_path!r}; "
+                         "use a longer text")
     return list(ids)
