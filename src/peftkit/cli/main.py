@@ -19,6 +19,11 @@ COMMANDS = {
     "generate": "generate",
     "inspect": "inspect",
     "methods": "methods",
+    "params": "params",
+    "memory": "memory",
+    "recommend": "recommend",
+    "sweep": "sweep",
+    "compare": "compare",
 }
 
 
