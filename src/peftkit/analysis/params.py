@@ -51,14 +51,15 @@ def wrap_on_meta(model: nn.Module, config) -> nn.Module:
         return get_peft_model(model, config)
 
 
-def count(model: nn.Module, config) -> tuple[ParamCount, nn.Module]:
-    """Count ``config``'s adapter on ``model`` (consumed: it is wrapped); also return the wrapped model."""
+def count(model: nn.Module, config, method: str | None = None) -> tuple[ParamCount, nn.Module]:
+    """Count ``config``'s adapter on ``model`` (consumed: it is wrapped); also return the wrapped model.
+    ``method`` names the row (a preset such as ptuning_v2 saves as, and is found as, its base method)."""
     from peftkit.registry import method_for_config
 
     base = base_count(model)
     peft_model = wrap_on_meta(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    result = ParamCount(method_for_config(config).name, trainable, total, base)
+    result = ParamCount(method or method_for_config(config).name, trainable, total, base)
     _breakdown(peft_model, result)
     return result, peft_model
 

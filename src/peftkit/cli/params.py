@@ -47,7 +47,7 @@ def counts(argv: list[str]) -> tuple[list, object]:
     for one in specs:
         config = skeleton.method_config(one, src.task, args.model, method_flags if one is spec else {})
         try:
-            found.append(count(build_meta(src), config)[0])
+            found.append(count(build_meta(src), config, one.name)[0])
         except ValueError as err:
             raise UserError(f"cannot apply {one.name} to {src.name}: {' '.join(str(err).split())}") from None
     return found, (args, src)
