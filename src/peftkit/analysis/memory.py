@@ -155,18 +155,36 @@ def full_finetune(src: ModelSource, opts: MemoryOptions) -> MemoryEstimate:
     return measure(model, "full", act.BlockShape.from_config(src.config), opts)
 
 
-def with_method(src: ModelSource, method_config, opts: MemoryOptions, four_bit: bool = False) -> MemoryEstimate:
-    """The method's adapter on the skeleton (``four_bit``: over an NF4 base, as QLoRA)."""
+def with_method(src: ModelSource, method_config, opts: MemoryOptions, four_bit: bool = False,
+                method: str | None = None) -> MemoryEstimate:
+    """The method's adapter on the skeleton (``four_bit``: over an NF4 base, as QLoRA); ``method``
+    names it (default: the method the config belongs to)."""
     import copy
 
-    params, model = count(build_meta(src).to(DTYPES[opts.dtype]), copy.deepcopy(method_config))
+    params, model = count(build_meta(src).to(DTYPES[opts.dtype]), copy.deepcopy(method_config), method)
     regime = ("q" if four_bit else "") + params.method
     estimate = measure(model, regime, act.BlockShape.from_config(src.config), opts, four_bit)
     estimate.mergeable = params.mergeable
     return estimate
 
 
-def compare(src: ModelSource, method_config, opts: MemoryOptions) -> list[MemoryEstimate]:
-    """Full fine-tuning, the method in ``opts.dtype``, and the method over a 4-bit base."""
-    return [full_finetune(src, opts), with_method(src, method_config, opts),
-            with_method(src, method_config, opts, four_bit=True)]
+def compare(src: ModelSource, method_config, opts: MemoryOptions, method: str | None = None) -> list[MemoryEstimate]:
+    """Full fine-tuning, the method in ``opts.dtype``, and the method over a 4-bit base where it has
+    a layer for one."""
+    from peftkit.registry import get_method, method_for_config
+
+    spec = get_method(method) if method else method_for_config(method_config)
+    bases = (False, True) if adapts_4bit(spec, method_config) else (False,)
+    return [full_finetune(src, opts)] + [with_method(src, method_config, opts, b, spec.name) for b in bases]
+
+
+def adapts_4bit(spec, config) -> bool:
+    """Whether the method has a layer for a 4-bit base linear (only those can train on one)."""
+    from peftkit.quant.linear4bit import Linear4bit
+
+    probe = Linear4bit(64, 64, bias=False)
+    wrapper = spec.wrapper_for(probe, config)
+    try:
+        return wrapper is not None and wrapper(probe) is not None
+    except (TypeError, ValueError):  # a catch-all rule that refuses the layer type (DoRA's)
+        return False

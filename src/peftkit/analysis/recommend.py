@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .memory import GIB, MemoryEstimate, MemoryOptions, full_finetune, with_method
+from .memory import GIB, MemoryEstimate, MemoryOptions, adapts_4bit, full_finetune, with_method
 from .shapes import ModelSource
 
 
@@ -68,9 +68,12 @@ def candidates(src: ModelSource, configs: dict[str, object], opts: MemoryOptions
 
     found = [Candidate("full", full_finetune(src, opts), mixed_batches=False)]
     for name, config in configs.items():
-        mixed = get_method(name).prepare_inputs is None  # input-level methods take the whole batch
-        found += [Candidate(name, with_method(src, config, opts, four_bit), mixed) for four_bit in (False, True)]
+        spec = get_method(name)
+        mixed = spec.prepare_inputs is None  # input-level methods take the whole batch
+        bases = (False, True) if adapts_4bit(spec, config) else (False,)
+        found += [Candidate(name, with_method(src, config, opts, four_bit, name), mixed) for four_bit in bases]
     return found
+
 
 
 def rank(found: list[Candidate], limits: Constraints, tokens: int) -> list[Candidate]:

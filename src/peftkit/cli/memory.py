@@ -47,7 +47,7 @@ def estimates(argv: list[str]):
     opts = skeleton.dataclass_values(args, MemoryOptions)
     config = skeleton.method_config(spec, src.task, args.model, vars(args))
     try:
-        return compare(src, config, opts), src, opts, args
+        return compare(src, config, opts, spec.name), src, opts, args
     except ValueError as err:
         raise UserError(f"cannot estimate {spec.name} on {src.name}: {' '.join(str(err).split())}") from None
 
