@@ -69,11 +69,13 @@ def test_prompt_tuning_lowers_smollm2_held_out_loss_and_its_file_reproduces_it(t
 
 def test_ptuning_v2_lowers_smollm2_held_out_loss_and_its_file_reproduces_it(tmp_path):
     run = tmp_path / "run"
-    argv = ["train", "--task", "causal-lm", "--method", "ptuning_v2", "--num-virtual-tokens", "8", "--max-steps", "8",
-            "--learning-rate", "1e-2", "--eval-steps", "8", "--max-eval-samples", "16", "--num-samples", "1",
-            "--max-new-tokens", "8", "--output-dir", str(run), "--no-progress-bar"]
+    argv = ["train", "--task", "causal-lm", "--method", "ptuning_v2", "--num-virtual-tokens", "8", "--max-steps", "6",
+            "--prefix-init-text", "Answer the question in a few words.", "--learning-rate", "5e-3",
+            "--eval-steps", "6", "--max-eval-samples", "16", "--num-samples", "1", "--max-new-tokens", "8",
+            "--output-dir", str(run), "--no-progress-bar"]
     assert main(argv) == 0
     summary, metrics = reload_and_evaluate(run, "causal-lm")
-    assert summary["after"] < summary["before"] - 0.1, summary  # measured 9.436 -> 4.781
+    # The prefix starts as SmolLM2's own keys/values for the text (a random prefix starts at ~9.4)
+    assert summary["before"] < 3.6 and summary["after"] < summary["before"] - 0.1, summary  # measured 3.255 -> 3.046
     assert summary["trainable_params"] == 8 * 30 * 2 * 3 * 64  # p x layers x (key, value) x 3 KV heads x 64
     assert metrics["loss"] == pytest.approx(summary["after"], abs=1e-5)
