@@ -162,15 +162,19 @@ def build_data(task: str, tokenizer, opts, seed: int, label2id: dict | None = No
 
 # ------------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy chat completions for ``questions`` (left-padded batch, new tokens only)."""
+def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int,
+                     synced_gpus: bool = False) -> list[str]:
+    """Greedy chat completions for ``questions`` (left-padded batch, new tokens only).
+
+    ``synced_gpus``: every rank of an FSDP2 job calls this, and all keep stepping until all are done.
+    """
     if not questions:
         return []
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in prompt_batch(tokenizer, questions).items()}
     was_training = model.training
     model.eval()
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced_gpus,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     model.train(was_training)
     new = out[:, batch["input_ids"].shape[1]:]

@@ -13,6 +13,9 @@ finished files last, each written atomically:
     RUN/metrics.jsonl         one JSON object per logged step / evaluation
     RUN/training_curves.png   loss and held-out accuracy (or perplexity)
     RUN/summary.json          task, method, metric, before, after, params, time, memory
+
+Launched by ``torchrun --nproc-per-node N -m peftkit.cli.main train ...`` every rank runs this job
+on its data shard (``peftkit.train.distributed``); only rank 0 prints and writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from peftkit.train import Trainer, seed_everything
+from peftkit.train import Trainer, distributed, seed_everything
 from peftkit.train.checkpoint import atomic_dir, atomic_write_text
 
 from . import common
@@ -115,7 +118,8 @@ RUN_LENGTH_OPTIONS = ("total_step",)
 
 def fill_run_length(cfg: RunConfig, n_train: int) -> None:
     """Set RUN_LENGTH_OPTIONS the user left unset from the run's planned steps (config.yaml too)."""
-    unset = {o: cfg.training.planned_steps(n_train) for o in RUN_LENGTH_OPTIONS
+    steps = cfg.training.planned_steps(n_train, distributed.world_size())
+    unset = {o: steps for o in RUN_LENGTH_OPTIONS
              if o in cfg.method_options and cfg.method_options[o] is None}
     if unset:
         try:
@@ -168,24 +172,33 @@ def baseline(job: Job, trainer: Trainer, run_dir: Path) -> dict:
     path = run_dir / "checkpoints" / "baseline.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result = {"metrics": trainer.evaluate(), "samples": samples(job)}
+    result = {"metrics": trainer.evaluate(), "samples": samples(job, trainer)}
     trainer.log.write({"step": 0, **{f"eval_{k}": v for k, v in result["metrics"].items()}})  # plotted at step 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result))
+    if trainer.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result))
     return result
 
 
-def samples(job: Job) -> list[str]:
-    if job.cfg.run.task != "causal-lm":
+def samples(job: Job, trainer: Trainer) -> list[str]:
+    """Generated answers on rank 0 (under FSDP2 every rank generates: its forwards are collectives)."""
+    fsdp = trainer.dist.mode == "fsdp"
+    if job.cfg.run.task != "causal-lm" or not (trainer.is_main or fsdp):
         return []
     questions = [r["question"] for r in job.data.eval_records if "question" in r][: job.cfg.data.num_samples]
-    return common.generate_answers(job.model, job.tokenizer, questions, job.cfg.data.max_new_tokens)
+    with distributed.root_unsharded(job.model, trainer.dist):
+        return common.generate_answers(job.model, job.tokenizer, questions, job.cfg.data.max_new_tokens,
+                                       synced_gpus=fsdp)
 
 
-def save_adapter(job: Job, run_dir: Path) -> None:
-    with atomic_dir(run_dir / "adapter") as tmp:
-        job.model.save_pretrained(str(tmp))
-        job.tokenizer.save_pretrained(str(tmp))
+def save_adapter(job: Job, trainer: Trainer, run_dir: Path) -> None:
+    """Rank 0 writes the full adapter (gathered from the shards under FSDP2); the others wait."""
+    with trainer.gathered_weights():
+        if trainer.is_main:
+            with atomic_dir(run_dir / "adapter") as tmp:
+                job.model.save_pretrained(str(tmp))
+                job.tokenizer.save_pretrained(str(tmp))
+    distributed.barrier()
 
 
 def write_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -212,30 +225,72 @@ def summary(job: Job, before: dict, after: dict, result, after_samples: list[str
 
 
 def report(line: str) -> None:
-    print(line, flush=True)
+    if distributed.is_main_process():
+        print(line, flush=True)
 
 
 def show_metrics(label: str, metrics: dict) -> str:
     return f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def shared_run_dir(cfg: RunConfig) -> Path:
+    """``new_run_dir`` decided by rank 0 (its name has a time stamp) and its answer sent to all ranks."""
+    if distributed.world_size() == 1:
+        return new_run_dir(cfg)
+    answer = None
+    if distributed.is_main_process():
+        try:
+            answer = (str(new_run_dir(cfg)), None)
+        except UserError as err:
+            answer = (None, str(err))
+    path, error = distributed.broadcast_from_main(answer)
+    if error is not None:
+        raise UserError(error)  # on every rank, so none waits for the others
+    return Path(path)
+
+
+def report_layout(trainer: Trainer) -> None:
+    d, a = trainer.dist, trainer.args
+    if d.active:
+        report(f"data parallel ({d.mode}) over {d.world_size} processes: global batch "
+               f"{a.global_batch_size(d.world_size)} = {a.batch_size} per device x {d.world_size} x "
+               f"{a.gradient_accumulation_steps} accumulation")
+
+
+def per_rank(trainer: Trainer, result) -> list[dict] | None:
+    """Each rank's peak memory and time (summary.json's ``ranks``) under torchrun; a collective."""
+    if not trainer.dist.active:
+        return None
+    mine = {"rank": trainer.dist.rank, "device": str(trainer.device), "peak_memory_bytes": result.peak_memory_bytes,
+            "train_seconds": round(result.train_seconds, 3)}
+    return distributed.gather_objects(mine)
+
+
 def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
     job = prepare(cfg)
-    run_dir = resume_dir or new_run_dir(cfg)
+    run_dir = resume_dir or shared_run_dir(cfg)
     report(f"{cfg.run.task} with {cfg.run.method} on {job.model_path}: {len(job.data.train)} training, "
            f"{len(job.data.eval)} held-out examples")
-    job.model.print_trainable_parameters()
-    if resume_dir is None:
+    if distributed.is_main_process():
+        job.model.print_trainable_parameters()
+    if resume_dir is None and distributed.is_main_process():
         write_config(cfg, run_dir)
     args = dataclasses.replace(cfg.training, output_dir=str(run_dir))
     trainer = Trainer(job.model, args, job.data.train, job.data.eval, job.data.collate)
+    report_layout(trainer)
     before = baseline(job, trainer, run_dir)
     report(show_metrics("held-out before", before["metrics"]))
     result = trainer.train(resume_from=resume_dir is not None)
     reuse = result.eval_metrics and result.global_step == trainer.total_steps and not cfg.training.load_best_at_end
     after = result.eval_metrics if reuse else trainer.evaluate()  # the last step was just evaluated
-    out = summary(job, before, after, result, samples(job))
-    save_adapter(job, run_dir)
+    after_samples = samples(job, trainer)
+    save_adapter(job, trainer, run_dir)
+    ranks = per_rank(trainer, result)
+    if not trainer.is_main:
+        return {}
+    out = summary(job, before, after, result, after_samples)
+    if ranks:
+        out["ranks"] = ranks
     atomic_write_text(run_dir / SUMMARY, json.dumps(out, indent=2) + "\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     print_outcome(out, run_dir)
@@ -256,5 +311,6 @@ def run(argv: list[str]) -> int:
     if resume_dir is not None and (resume_dir / SUMMARY).is_file():
         report(f"{resume_dir} already finished; its results are in {resume_dir / SUMMARY}")
         return 0
-    run_job(cfg, resume_dir)
+    with distributed.distributed_session(cfg.training.device):
+        run_job(cfg, resume_dir)
     return 0

@@ -10,6 +10,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit")
 TASKS = ("classification", "causal-lm")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "none")
 
 
 @dataclass
@@ -60,6 +61,14 @@ class TrainingArguments:
     optim: Literal["adamw_torch", "paged_adamw_32bit"] = field(
         default="adamw_torch", metadata={"help": "adamw_torch, or paged_adamw_32bit (AdamW state kept in host memory)"}
     )
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = field(
+        default="auto", metadata={"help": "under torchrun: auto (= ddp when launched with >1 process), ddp, fsdp "
+                                          "(FSDP2, shards the frozen base too), none"}
+    )
+    ddp_find_unused_parameters: bool = field(
+        default=False, metadata={"help": "DDP: search for trainable tensors a step did not use (slower; only "
+                                         "for methods whose adapters sit off some inputs' path)"}
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps")
@@ -68,6 +77,10 @@ class TrainingArguments:
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "lr_scheduler", SCHEDULES)
         _one_of(self, "optim", OPTIMIZERS)
+        _one_of(self, "distributed", DISTRIBUTED)
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            raise ValueError("TrainingArguments.distributed='fsdp' does not support precision='fp16' (the "
+                             "GradScaler is not shard-aware); use precision='bf16'")
         if self.task is not None:
             _one_of(self, "task", TASKS)
         for name in ("weight_decay", "warmup_steps"):
@@ -87,14 +100,18 @@ class TrainingArguments:
     def greater_is_better(self) -> bool:
         return self.best_metric not in ("loss", "perplexity")
 
-    def steps_per_epoch(self, n_examples: int) -> int:
-        """Optimizer steps in one pass over ``n_examples`` (the last batch may be smaller)."""
-        batches = math.ceil(n_examples / self.batch_size)
+    def steps_per_epoch(self, n_examples: int, world_size: int = 1) -> int:
+        """Optimizer steps in one pass over ``n_examples`` split over ``world_size`` ranks."""
+        batches = math.ceil(math.ceil(n_examples / world_size) / self.batch_size)
         return math.ceil(batches / self.gradient_accumulation_steps)
 
-    def planned_steps(self, n_examples: int) -> int:
+    def planned_steps(self, n_examples: int, world_size: int = 1) -> int:
         """Optimizer steps the run will take: ``max_steps``, else ``epochs`` passes."""
-        return self.max_steps or self.epochs * self.steps_per_epoch(n_examples)
+        return self.max_steps or self.epochs * self.steps_per_epoch(n_examples, world_size)
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Examples per optimizer step: per-device batch x world size x accumulation."""
+        return self.batch_size * world_size * self.gradient_accumulation_steps
 
     def to_dict(self) -> dict:
         return asdict(self)

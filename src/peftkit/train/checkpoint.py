@@ -88,7 +88,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def check_trainable_keys(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by name, after checking ``state`` has exactly those names."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
@@ -96,6 +97,11 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "resume with the same model, method and options the run started with"
         )
+    return params
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = check_trainable_keys(model, state)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])

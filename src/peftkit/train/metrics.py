@@ -14,24 +14,40 @@ PLOT_FILE = "training_curves.png"
 
 
 class EvalAccumulator:
-    """Collects per-batch results and reduces them to the task's metrics.
+    """Collects per-batch sums and counts and reduces them to the task's metrics.
 
     ``loss`` is averaged over items (examples for classification, label tokens for causal LM), so
     batch sizes do not bias it; ``perplexity = exp(loss)``; ``f1`` is macro-averaged over classes.
+    Only sums are kept (loss x items, items, a label x prediction confusion count), so the shards of
+    several ranks add up to exactly the counts of one process (``merge_counts``).
     """
 
     def __init__(self, task: str | None):
         self.task, self.loss_sum, self.items = task, 0.0, 0
-        self.preds: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
+        self.confusion: torch.Tensor | None = None  # (classes, classes): [label, prediction] counts
 
     def add(self, loss: torch.Tensor | None, items: int, logits: torch.Tensor | None, labels) -> None:
         if loss is not None:
             self.loss_sum += float(loss) * items
             self.items += items
         if self.task == "classification" and logits is not None and labels is not None:
-            self.preds.append(logits.argmax(-1).cpu())
-            self.labels.append(labels.cpu())
+            self._count(logits.argmax(-1).cpu().flatten(), labels.cpu().flatten(), logits.shape[-1])
+
+    def _count(self, preds: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
+        k = max(classes, int(labels.max()) + 1 if labels.numel() else 0)
+        counts = torch.bincount(labels * k + preds, minlength=k * k).view(k, k)  # (k, k)
+        self.confusion = counts if self.confusion is None else _padded(self.confusion, k) + _padded(counts, k)
+
+    def counts(self, classes: int) -> list[float]:
+        """[loss_sum, items, *confusion (classes x classes, row-major)] for a cross-rank sum."""
+        confusion = _padded(self.confusion, classes) if self.confusion is not None else torch.zeros(classes, classes)
+        return [self.loss_sum, float(self.items), *confusion.flatten().tolist()]
+
+    def merge_counts(self, counts: list[float], classes: int) -> None:
+        """Replace this accumulator's sums by ``counts`` (``counts`` layout, summed over ranks)."""
+        self.loss_sum, self.items = counts[0], int(counts[1])
+        confusion = torch.tensor(counts[2:], dtype=torch.float64).round().long().view(classes, classes)
+        self.confusion = confusion if classes and int(confusion.sum()) else None
 
     def result(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -39,19 +55,31 @@ class EvalAccumulator:
             out["loss"] = self.loss_sum / self.items
             if self.task == "causal-lm":
                 out["perplexity"] = math.exp(min(out["loss"], 80.0))
-        if self.preds:
-            out.update(classification_metrics(torch.cat(self.preds), torch.cat(self.labels)))
+        if self.confusion is not None:
+            out.update(confusion_metrics(self.confusion))
         return out
+
+
+def _padded(confusion: torch.Tensor, k: int) -> torch.Tensor:
+    grow = k - confusion.shape[0]
+    return torch.nn.functional.pad(confusion, (0, grow, 0, grow)) if grow > 0 else confusion
 
 
 def classification_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy and macro F1 over the classes that occur in labels or predictions."""
-    accuracy = (preds == labels).float().mean().item()
+    k = int(torch.cat([preds, labels]).max()) + 1
+    return confusion_metrics(torch.bincount(labels * k + preds, minlength=k * k).view(k, k))
+
+
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro F1 from [label, prediction] counts; classes never seen are left out."""
+    total, correct = confusion.sum(), confusion.diagonal().sum()
+    accuracy = (correct.float() / total.float()).item()  # float32, as (preds == labels).float().mean()
     scores = []
-    for c in torch.unique(torch.cat([preds, labels])).tolist():
-        tp = ((preds == c) & (labels == c)).sum().item()
-        fp = ((preds == c) & (labels != c)).sum().item()
-        fn = ((preds != c) & (labels == c)).sum().item()
+    for c in torch.nonzero(confusion.sum(0) + confusion.sum(1)).flatten().tolist():
+        tp = int(confusion[c, c])
+        fp = int(confusion[:, c].sum()) - tp
+        fn = int(confusion[c].sum()) - tp
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {"accuracy": accuracy, "f1": sum(scores) / len(scores)}
 

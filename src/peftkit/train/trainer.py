@@ -17,6 +17,11 @@ Resuming restores the trainable tensors, the methods' training state (``training
 AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
 was killed and resumed logs the same per-step losses as one that never stopped.
+
+Under torchrun (``distributed.py``) each rank trains on its shard of every epoch through DDP or
+FSDP2, the loss weights count the items of all ranks, and only rank 0 logs and writes files; a
+checkpoint holds the full adapter and an optimizer state keyed by parameter name, so it resumes at
+any world size.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .args import TrainingArguments
-from .loader import ResumableBatches, eval_batches
+from .loader import ResumableBatches, eval_batch_count, eval_batches, eval_shard_batches
 from .paged_adamw import PagedAdamW
 from .metrics import PLOT_FILE, EvalAccumulator, MetricsLog, plot_curves, read_metrics
 from .schedule import make_scheduler, warmup_steps_for
@@ -116,10 +122,22 @@ class Trainer:
         self.model, self.args = model, args
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate_fn = collate_fn or torch.utils.data.default_collate
-        self.device = resolve_device(args.device)
+        self.dist = distributed.resolve(args.distributed)
+        self.is_main = self.dist.is_main
+        self.device = distributed.rank_device(args.device, self.dist.local_rank) if self.dist.active \
+            else resolve_device(args.device)
         self.output_dir = Path(args.output_dir) if args.output_dir else None
-        self.log = MetricsLog(self.output_dir, args.tensorboard)
+        self.log = MetricsLog(self.output_dir if self.is_main else None, args.tensorboard and self.is_main)
         self.model.to(self.device)
+        self._checkpointing = False
+        self.engine = self._wrap() if self.dist.active else self.model  # what the training step calls
+
+    def _wrap(self) -> torch.nn.Module:
+        """DDP or FSDP2 around the model, after gradient checkpointing (it changes the modules)."""
+        if self.args.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        a = self.args
+        return distributed.wrap(self.model, self.dist, self.device, a.precision, a.ddp_find_unused_parameters)
 
     # ----------------------------------------------------------------------------------------- setup
     def _autocast(self):
@@ -148,15 +166,20 @@ class Trainer:
         if enable is None:
             raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointing = True
 
     def _setup(self) -> None:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        a = self.args
-        self.batches = ResumableBatches(self.train_dataset, a.batch_size, self.collate_fn, a.seed)
-        self.steps_per_epoch = a.steps_per_epoch(len(self.train_dataset))
-        self.total_steps = a.planned_steps(len(self.train_dataset))
-        if a.gradient_checkpointing:
+        a, d = self.args, self.dist
+        self.batches = ResumableBatches(self.train_dataset, a.batch_size, self.collate_fn, a.seed, d.rank, d.world_size)
+        self.steps_per_epoch = a.steps_per_epoch(len(self.train_dataset), d.world_size)
+        self.total_steps = a.planned_steps(len(self.train_dataset), d.world_size)
+        if d.active and self.is_main:
+            logger.info("%s over %d processes: global batch %d = %d per device x %d x %d accumulation", d.mode,
+                        d.world_size, a.global_batch_size(d.world_size), a.batch_size, d.world_size,
+                        a.gradient_accumulation_steps)
+        if a.gradient_checkpointing and not self._checkpointing:
             self._enable_gradient_checkpointing()
         self.params = self._trainable()
         self.optimizer = self._make_optimizer(self.params)
@@ -171,26 +194,67 @@ class Trainer:
                 "stopped_early": False, "last_eval": {}}
 
     def _state_dict(self) -> dict:
+        """The resumable state; under torchrun a collective (the optimizer state is gathered)."""
         method_state = getattr(self.model, "training_state", None)
-        return {"state": dict(self.state), "optimizer": self.optimizer.state_dict(),
+        if self.dist.active:  # keyed by name and unsharded, so it loads at any world size
+            optimizer = {"optimizer_by_name": distributed.optimizer_state(self.model, self.optimizer),
+                         "rng_per_rank": distributed.gather_objects(ckpt.rng_state())}
+        else:
+            optimizer = {"optimizer": self.optimizer.state_dict()}
+        return {"state": dict(self.state), **optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "args": self.args.to_dict(), "method": method_state() if method_state else {}}
+                "args": self.args.to_dict(), "method": method_state() if method_state else {},
+                "layout": {"world_size": self.dist.world_size, "batch_size": self.args.batch_size}}
 
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_checkpoint(path)
-        ckpt.load_trainable_state(self.model, saved["trainable"])
+        self._load_trainable(saved["trainable"])
         if saved.get("method"):
             self.model.load_training_state(saved["method"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self._load_optimizer(saved)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        ckpt.set_rng_state(saved["rng"])
+        per_rank = saved.get("rng_per_rank") or []
+        ckpt.set_rng_state(per_rank[self.dist.rank] if len(per_rank) == self.dist.world_size else saved["rng"])
         self.state = saved["state"]
+        self._convert_position(saved.get("layout"))
         self.log.truncate_after(self.state["global_step"])
         best = self._best_dir()
         if best is not None and (best / ckpt.STATE_FILE).is_file():
             self.best_weights = ckpt.load_checkpoint(best)["trainable"]
         logger.info("resumed from %s at step %d", path, self.state["global_step"])
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        if self.dist.mode == "fsdp":
+            ckpt.check_trainable_keys(self.model, state)
+            distributed.load_full_state(self.model, state)
+        else:
+            ckpt.load_trainable_state(self.model, state)
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """Either checkpoint form into either kind of run (index-keyed: one process; by name: torchrun)."""
+        if self.dist.active:
+            named = saved.get("optimizer_by_name") or distributed.named_optimizer_state(self.model, saved["optimizer"])
+            distributed.load_optimizer_state(self.model, self.optimizer, named)
+        elif "optimizer" in saved:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        else:
+            self.optimizer.load_state_dict(distributed.indexed_optimizer_state(self.model, saved["optimizer_by_name"]))
+
+    def _convert_position(self, layout: dict | None) -> None:
+        """Re-express the next batch of the epoch for a different per-device batch x world size."""
+        if layout is None:
+            return
+        old, new = layout["batch_size"] * layout["world_size"], self.args.batch_size * self.dist.world_size
+        if old == new:
+            return
+        consumed = self.state["batch"] * old  # examples of this epoch's global order already used
+        if consumed % new:
+            raise ValueError(f"cannot resume: the checkpoint is {consumed} examples into its epoch, which is not a "
+                             f"whole number of batches of {new} (batch_size x world size); resume with "
+                             f"batch_size x world size = {old} as when it was saved")
+        self.state["batch"] = consumed // new
+        logger.warning("resuming with %d examples per micro-batch over all ranks instead of %d", new, old)
 
     def _resume_path(self, resume_from: str | Path | bool | None) -> Path | None:
         if not resume_from:
@@ -204,11 +268,20 @@ class Trainer:
         return path if (path / ckpt.STATE_FILE).is_file() else found
 
     def _save(self) -> None:
+        """Rank 0 writes the checkpoint (full adapter, named optimizer state); the others wait."""
         if self.output_dir is None:
             return
-        root = self.output_dir / "checkpoints"
-        ckpt.save_checkpoint(root, self.state["global_step"], self.model, self._state_dict())
-        ckpt.prune_checkpoints(root, self.args.save_total_limit)
+        root, state = self.output_dir / "checkpoints", self._state_dict()
+        with distributed.gathered(self.model, self.dist):
+            if self.is_main:
+                ckpt.save_checkpoint(root, self.state["global_step"], self.model, state)
+                ckpt.prune_checkpoints(root, self.args.save_total_limit)
+        if self.dist.active:
+            distributed.barrier()
+
+    def gathered_weights(self):
+        """Context in which the model holds its full adapter on every rank (for saving under FSDP2)."""
+        return distributed.gathered(self.model, self.dist)
 
     def _best_dir(self) -> Path | None:
         return self.output_dir / "best" if self.output_dir is not None else None
@@ -233,7 +306,7 @@ class Trainer:
     def _loop(self) -> None:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train",
-                   dynamic_ncols=True, disable=not self.args.progress_bar)
+                   dynamic_ncols=True, disable=not (self.args.progress_bar and self.is_main))
         started = time.perf_counter() - self.state["elapsed"]
         while not self.state["finished"] and self.state["global_step"] < self.total_steps:
             t0 = time.perf_counter()
@@ -258,11 +331,18 @@ class Trainer:
     def _optimizer_step(self, batches: list[dict]) -> tuple[float, int, float]:
         self.state["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         items = [count_items(b, self.args.task) for b in batches]
-        total, loss_value, tokens = max(sum(items), 1), 0.0, 0
-        for batch, n in zip(batches, items):
-            tokens += count_tokens(batch)
-            if n > 0:
-                loss_value += self._backward(self._to_device(batch), n / total)
+        total, loss_value, tokens = max(sum(items), 1), 0.0, sum(count_tokens(b) for b in batches)
+        if self.dist.active:  # weights count the items of every rank's micro-batches
+            total, tokens = (int(v) for v in distributed.sum_over_ranks([sum(items), tokens], self.device))
+            total = max(total, 1)
+        for i, (batch, n) in enumerate(zip(batches, items)):
+            with distributed.grad_sync(self.engine, self.dist, i == len(batches) - 1):
+                if n > 0:
+                    loss_value += self._backward(self._to_device(batch), n / total)
+                elif self.dist.active:
+                    self._backward_without_items(self._to_device(batch))
+        if self.dist.active:
+            loss_value = distributed.sum_over_ranks([loss_value], self.device)[0]
         grad_norm = self._clip_and_step()
         self.state["global_step"] += 1
         hook = getattr(self.model, "after_optimizer_step", None)
@@ -273,14 +353,24 @@ class Trainer:
 
     def _backward(self, batch: dict, weight: float) -> float:
         with self._autocast():
-            out = self.model(**batch)
+            out = self.engine(**batch)
             loss = _output(out, "loss")
             if loss is None:
                 raise ValueError("the model returned no loss; give the batches a 'labels' entry")
             extra = self._adapter_loss()
             total = loss if extra is None else loss + extra
-        self.scaler.scale(total.float() * weight).backward()
+        # DDP / FSDP2 average gradients over ranks; x world turns the average into the global sum
+        self.scaler.scale(total.float() * (weight * self.dist.world_size)).backward()
         return float(loss.detach()) * weight
+
+    def _backward_without_items(self, batch: dict) -> None:
+        """A zero gradient for a micro-batch with no label tokens: every rank must join the sync."""
+        with self._autocast():
+            logits = _output(self.engine(**batch), "logits")
+        if logits is None:
+            raise ValueError("a micro-batch has no label tokens and the model returned no logits to "
+                             "back-propagate a zero through; drop examples whose labels are all -100")
+        self.scaler.scale(logits.float().sum() * 0.0).backward()
 
     def _adapter_loss(self):
         hook = getattr(self.model, "adapter_loss", None)
@@ -289,7 +379,7 @@ class Trainer:
     def _clip_and_step(self) -> float:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -348,12 +438,15 @@ class Trainer:
                         self.state["global_step"], name, patience)
 
     def _save_best(self) -> None:
-        self.best_weights = ckpt.trainable_state(self.model)
         best = self._best_dir()
-        if best is not None:
-            state = {"state": {"global_step": self.state["global_step"], "metric": self.args.best_metric,
-                               "value": self.state["best_value"]}}
-            ckpt.write_checkpoint(best, self.model, state)
+        with distributed.gathered(self.model, self.dist):
+            self.best_weights = ckpt.trainable_state(self.model)
+            if best is not None and self.is_main:
+                state = {"state": {"global_step": self.state["global_step"], "metric": self.args.best_metric,
+                                   "value": self.state["best_value"]}}
+                ckpt.write_checkpoint(best, self.model, state)
+        if self.dist.active:
+            distributed.barrier()
 
     @torch.no_grad()
     def evaluate(self, dataset: Sequence | None = None) -> dict[str, float]:
@@ -363,20 +456,37 @@ class Trainer:
             raise ValueError("evaluate() needs a non-empty eval dataset")
         was_training, acc = self.model.training, EvalAccumulator(self.args.task)
         self.model.eval()
-        for batch in eval_batches(dataset, self.args.eval_batch_size, self.collate_fn):
+        for batch, counted in self._eval_batches(dataset):
             batch = self._to_device(batch)
             with self._autocast():
                 out = self.model(**batch)
-            acc.add(_output(out, "loss"), count_items(batch, self.args.task), _output(out, "logits"),
-                    batch.get("labels"))
+            if counted:
+                acc.add(_output(out, "loss"), count_items(batch, self.args.task), _output(out, "logits"),
+                        batch.get("labels"))
         self.model.train(was_training)
+        if self.dist.active:
+            self._sum_over_ranks(acc)
         return acc.result()
+
+    def _eval_batches(self, dataset: Sequence):
+        """``(batch, counted)``: all batches in one process, this rank's shard under torchrun."""
+        bs, d = self.args.eval_batch_size, self.dist
+        if not d.active:
+            return ((batch, True) for batch in eval_batches(dataset, bs, self.collate_fn))
+        n_batches = eval_batch_count(len(dataset), bs, 0, d.world_size)  # rank 0 has the most
+        return eval_shard_batches(dataset, bs, self.collate_fn, d.rank, d.world_size, n_batches)
+
+    def _sum_over_ranks(self, acc: EvalAccumulator) -> None:
+        """Add up the ranks' loss sums, item counts and confusion counts (not their averages)."""
+        mine = acc.confusion.shape[0] if acc.confusion is not None else 0
+        classes = distributed.max_over_ranks(mine, self.device)
+        acc.merge_counts(distributed.sum_over_ranks(acc.counts(classes), self.device), classes)
 
     # ------------------------------------------------------------------------------------ finishing
     def _finish(self) -> TrainResult:
         if self.args.load_best_at_end and self.best_weights is not None:
-            ckpt.load_trainable_state(self.model, self.best_weights)
-        if self.output_dir is not None and self.log.path.exists():
+            self._load_trainable(self.best_weights)
+        if self.output_dir is not None and self.is_main and self.log.path.exists():
             plot_curves(read_metrics(self.log.path), self.output_dir / PLOT_FILE)
         self.log.close()
         s = self.state
