@@ -28,3 +28,8 @@ from methods.adapter.case import CASE as ADAPTER_CASE  # noqa: E402
 from methods.prompt.case import CASE as PROMPT_CASE  # noqa: E402
 
 CASES += [DORA_CASE, IA3_CASE, ADALORA_CASE, ADAPTER_CASE, PROMPT_CASE]
+from methods.bitfit.case import CASE as BITFIT_CASE  # noqa: E402
+from methods.partial.case import CASE as PARTIAL_CASE  # noqa: E402
+from methods.diff_pruning.case import CASE as DIFF_PRUNING_CASE  # noqa: E402
+
+CASES += [BITFIT_CASE, PARTIAL_CASE, DIFF_PRUNING_CASE]

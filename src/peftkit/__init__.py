@@ -20,6 +20,9 @@ from peftkit.peft_model import (  # noqa: E402
     get_peft_model,
 )
 from peftkit.registry import get_method, list_methods  # noqa: E402
+from peftkit.methods.bitfit import BitFitConfig  # noqa: E402
+from peftkit.methods.partial import PartialConfig  # noqa: E402
+from peftkit.methods.diff_pruning import DiffPruningConfig  # noqa: E402
 
 __all__ = [
     "PeftConfig", "TaskType", "AdaLoraConfig", "BottleneckConfig", "DoraConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "PeftModel", "PeftModelForCausalLM",
@@ -27,3 +30,4 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "get_peft_model",
     "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",
 ]
+__all__ += ["BitFitConfig", "PartialConfig", "DiffPruningConfig"]

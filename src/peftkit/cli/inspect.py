@@ -27,6 +27,7 @@ PREFIX = "base_model.model."
 # Tensors that belong to the adapter layer itself, by the HF format's attribute names.
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                   "lora_E", "ia3_l", "hada_w1_a", "oft_r", "adapter_down", "adapter_up", "prompt_embeddings")
+ADAPTER_PARAMS += ("bitfit_bias", "partial_delta", "diff_w", "diff_log_alpha", "diff_indices", "diff_values")
 RANKED = {"lora_A": 0, "lora_embedding_A": 0}  # parameter -> axis holding the rank
 
 

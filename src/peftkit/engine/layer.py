@@ -8,6 +8,8 @@ adapters. The engine only talks to layers through this small contract:
   the layer (``lora_A.weight``); the engine finds adapter weights by asking, never by name search.
   ``saved_tensors(name)`` (optional) is what gets written, by default the same tensors. A layer
   with ``top_level_keys`` true gives whole file keys instead (prompt tuning's ``prompt_embeddings``).
+  A layer whose file form differs from its live tensors (diff pruning's sparse diff) also defines
+  ``from_saved(name, tensors)``, the inverse of ``saved_tensors``, which loading calls first.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter

@@ -5,3 +5,6 @@ from peftkit.methods import ia3  # noqa: F401
 from peftkit.methods import adalora  # noqa: F401
 from peftkit.methods import adapter  # noqa: F401
 from peftkit.methods import prompt  # noqa: F401
+from peftkit.methods import bitfit  # noqa: F401
+from peftkit.methods import partial  # noqa: F401
+from peftkit.methods import diff_pruning  # noqa: F401
