@@ -32,3 +32,8 @@ from methods.prefix.case import CASE as PREFIX_CASE  # noqa: E402
 from methods.ptuning.case import CASE as PTUNING_CASE  # noqa: E402
 
 CASES += [PREFIX_CASE, PTUNING_CASE]
+from methods.bitfit.case import CASE as BITFIT_CASE  # noqa: E402
+from methods.partial.case import CASE as PARTIAL_CASE  # noqa: E402
+from methods.diff_pruning.case import CASE as DIFF_PRUNING_CASE  # noqa: E402
+
+CASES += [BITFIT_CASE, PARTIAL_CASE, DIFF_PRUNING_CASE]

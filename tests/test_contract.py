@@ -84,6 +84,8 @@ def test_merge_unmerge_and_merge_and_unload_agree(family, case, tmp_path):
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     assert not hasattr(plain, "peft_config") or not plain.peft_config
     torch.testing.assert_close(logits(plain, x), before, atol=1e-4, rtol=1e-4)
+    if family == "llama" and case.extra.get("merged_reload_drops_created_biases"):
+        return  # declared: the tiny Llama's config has no biases, so transformers drops merged-in ones
     plain.save_pretrained(tmp_path / "merged")
     reloaded = type(plain).from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(reloaded, x), logits(plain, x), atol=0, rtol=0)
@@ -114,7 +116,7 @@ def test_safe_merge_matches_and_refuses_nan(family, case):
     before = {k: v.clone() for k, v in broken.state_dict().items()}
     name, param = adapter_params(broken)[0]
     with torch.no_grad():
-        param[0, 0] = float("nan")
+        param.view(-1)[0] = float("nan")  # first entry, whatever the tensor's rank (BitFit's are 1-D)
     with pytest.raises(ValueError, match="'default'"):
         broken.merge_adapter(safe_merge=True)
     after = broken.state_dict()

@@ -22,6 +22,9 @@ from peftkit.peft_model import (  # noqa: E402
     get_peft_model,
 )
 from peftkit.registry import get_method, list_methods  # noqa: E402
+from peftkit.methods.bitfit import BitFitConfig  # noqa: E402
+from peftkit.methods.partial import PartialConfig  # noqa: E402
+from peftkit.methods.diff_pruning import DiffPruningConfig  # noqa: E402
 
 __all__ = [
     "PeftConfig", "TaskType", "AdaLoraConfig", "BottleneckConfig", "DoraConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "PeftModel", "PeftModelForCausalLM",
@@ -30,3 +33,4 @@ __all__ = [
     "get_method", "list_methods", "get_peft_model_state_dict", "set_peft_model_state_dict",
 ]
 __all__ += ["PrefixTuningConfig", "PTuningV2Config", "PromptEncoderConfig"]
+__all__ += ["BitFitConfig", "PartialConfig", "DiffPruningConfig"]

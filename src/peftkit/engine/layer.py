@@ -10,6 +10,8 @@ adapters. The engine only talks to layers through this small contract:
   with ``top_level_keys`` true gives whole file keys instead (prompt tuning's ``prompt_embeddings``).
   ``file_tensors`` names the first part of each of those keys (``lora_A``), so that tools reading a
   file without a model (``peftkit inspect``) know the adapter's tensors by asking the registry.
+  A layer whose file form differs from its live tensors (diff pruning's sparse diff) also defines
+  ``from_saved(name, tensors)``, the inverse of ``saved_tensors``, which loading calls first.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter

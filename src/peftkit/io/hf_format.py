@@ -98,8 +98,10 @@ def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], st
     """Copy ``state`` into adapter ``name`` after checking every key and shape; return warnings.
 
     Keys for base-model tensors (HF saves resized embedding tables this way) load into the base.
-    Nothing is copied unless the whole file fits.
+    Nothing is copied unless the whole file fits. Layers whose file form differs from their live
+    tensors (``from_saved``) turn their part of ``state`` into the live form first.
     """
+    state = live_form(adapter_model, name, state)
     expected = adapter_tensor_map(adapter_model, name)
     base = dict(adapter_model.named_parameters(prefix="base_model"))
     missing = sorted(set(expected) - set(state))
@@ -113,6 +115,26 @@ def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], st
     notes = [f"tensor {k} is missing from the file and keeps its initial value" for k in missing]
     notes += [f"base tensor {k} was overwritten from the adapter file" for k in state if k not in expected]
     return notes
+
+
+def live_form(adapter_model: Any, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each ``from_saved`` layer's file tensors replaced by its live tensors.
+
+    A layer that saves a compact form (diff pruning: indices and values of a sparse diff) defines
+    ``from_saved(name, tensors) -> tensors``, the inverse of its ``saved_tensors``; keys are relative
+    to the layer, and tensors the file lacks stay out so the missing-key check still names them.
+    """
+    prefix = method_for_config(adapter_model.peft_config[name]).file_prefix
+    state = dict(state)
+    for key, layer in adapter_model.adapter_layers():
+        convert = getattr(layer, "from_saved", None)
+        if convert is None or name not in layer.adapter_names() or layer.top_level_keys:
+            continue
+        head = f"{prefix}{key}."
+        mine = {k[len(head):]: state.pop(k) for k in list(state)
+                if k.startswith(head) and "." not in k[len(head):]}
+        state.update({head + local: tensor for local, tensor in convert(name, mine).items()})
+    return state
 
 
 def _shape_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[str]:

@@ -7,3 +7,6 @@ from peftkit.methods import adapter  # noqa: F401
 from peftkit.methods import prompt  # noqa: F401
 from peftkit.methods import prefix  # noqa: F401
 from peftkit.methods import ptuning  # noqa: F401
+from peftkit.methods import bitfit  # noqa: F401
+from peftkit.methods import partial  # noqa: F401
+from peftkit.methods import diff_pruning  # noqa: F401
