@@ -36,6 +36,7 @@ def test_merge_and_unload_writes_the_trained_weights_back(tmp_path):
     plain = model.merge_and_unload()
     for (name, p), (_, q) in zip(plain.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(logits(plain, x), logits(reference, x), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("builder, blocks", [(tiny_llama, "model.layers"), (tiny_bert, "bert.encoder.layer"),
