@@ -13,7 +13,7 @@ import warnings
 import torch
 from safetensors.torch import load_file
 
-from tiny_models import FAMILIES, logits
+from tiny_models import FAMILIES, logits, model_inputs
 
 LIBRARY_MODULES = {"hf": "peft", "pk": "peftkit"}
 
@@ -39,3 +39,35 @@ def assert_same_outputs_and_adapter_matters(model, loaded, inputs: dict, atol: f
     with loaded.disable_adapter():
         base = logits(loaded, inputs)
     assert (base - logits(loaded, inputs)).abs().max() > 1e-4, "the loaded adapter changes nothing"
+
+
+def make(lib: str, family: str, config_name: str, **overrides):
+    """A fresh ``family`` model with a new adapter of ``config_name`` (e.g. "PrefixTuningConfig"),
+    built by library ``lib``; virtual-token methods default to 4 tokens."""
+    library = importlib.import_module(LIBRARY_MODULES[lib])
+    kwargs = dict(num_virtual_tokens=4, task_type=FAMILIES[family][2]) | overrides
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return library.get_peft_model(FAMILIES[family][0](), getattr(library, config_name)(**kwargs))
+
+
+def train(model, steps: int = 3) -> None:
+    """A few Adam steps on a squared-logit loss; every trainable tensor must move."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(steps):
+        model(**model_inputs(seed=10 + step)).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def padded_inputs(family: str) -> dict:
+    """The tiny inputs with left padding on row 0 (and token types 1 for BERT)."""
+    x = model_inputs()
+    x["attention_mask"][0, :2] = 0
+    if family == "bert":
+        x["token_type_ids"] = torch.ones_like(x["input_ids"])
+    return x

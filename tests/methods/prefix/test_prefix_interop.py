@@ -6,13 +6,13 @@ both write the same keys, shapes and config fields; ``generate`` agrees token fo
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 
 import peftkit as pk
-from hf_interop import load, saved
+from hf_interop import load, padded_inputs as inputs, saved, train
+from hf_interop import make as make_adapter
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -22,30 +22,7 @@ DIRECTIONS = [("hf", "pk"), ("pk", "hf")]
 
 
 def make(lib: str, family: str, **overrides):
-    kwargs = dict(num_virtual_tokens=4, task_type=FAMILIES[family][2]) | overrides
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].get_peft_model(FAMILIES[family][0](), LIBS[lib].PrefixTuningConfig(**kwargs))
-
-
-def train(model, steps: int = 3) -> None:
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(steps):
-        model(**model_inputs(seed=10 + step)).logits.float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def inputs(family: str) -> dict:
-    x = model_inputs()
-    x["attention_mask"][0, :2] = 0
-    if family == "bert":
-        x["token_type_ids"] = torch.ones_like(x["input_ids"])
-    return x
+    return make_adapter(lib, family, "PrefixTuningConfig", **overrides)
 
 
 @pytest.mark.parametrize("projection", [False, True])

@@ -6,14 +6,13 @@ same keys, shapes and config fields; ``generate`` agrees token for token.
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 
 import peftkit as pk
-from hf_interop import load, saved
-from methods.prefix.test_prefix_interop import inputs, train
+from hf_interop import load, padded_inputs as inputs, saved, train
+from hf_interop import make as make_adapter
 from tiny_models import FAMILIES, logits, model_inputs
 
 hf = pytest.importorskip("peft")
@@ -23,10 +22,7 @@ DIRECTIONS = [("hf", "pk"), ("pk", "hf")]
 
 
 def make(lib: str, family: str, **overrides):
-    kwargs = dict(num_virtual_tokens=4, task_type=FAMILIES[family][2]) | overrides
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LIBS[lib].get_peft_model(FAMILIES[family][0](), LIBS[lib].PromptEncoderConfig(**kwargs))
+    return make_adapter(lib, family, "PromptEncoderConfig", **overrides)
 
 
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
