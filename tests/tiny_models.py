@@ -52,3 +52,35 @@ def model_inputs(seed: int = 1, batch: int = 3, length: int = 7) -> dict:
 def logits(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def lm_losses(model, inputs: dict, steps: int = 20, lr: float = 0.05) -> list[float]:
+    """Train ``model``'s trainable tensors with Adam on the next-token loss of ``inputs``; the losses."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+class LinearConv1DNet(torch.nn.Module):
+    """x (batch, 8) -> logits (batch, 4) through an nn.Linear ("lin") and a GPT-2 Conv1D ("gpt",
+    (in, out) weight); returns a dict with the cross-entropy loss when labels are given."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(8, 16)
+        self.gpt = Conv1D(4, 16)  # in=16, out=4
+
+    def forward(self, x, labels=None):
+        logits = self.gpt(torch.relu(self.lin(x)))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}

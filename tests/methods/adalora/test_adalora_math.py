@@ -11,39 +11,22 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 
 from peftkit import AdaLoraConfig, PeftModel, get_peft_model
 from peftkit.methods.adalora import allocator
 from peftkit.train import Trainer, TrainingArguments
+from tiny_models import LinearConv1DNet
 
 NAMES = ("lin", "gpt")
 
-
-class Net(nn.Module):
-    """x (batch, 8) -> logits (batch, 4) through an nn.Linear and a GPT-2 Conv1D ((in, out) weight)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        torch.manual_seed(seed)
-        self.lin = nn.Linear(8, 16)
-        self.gpt = Conv1D(4, 16)  # in=16, out=4
-
-    def forward(self, x, labels=None):
-        logits = self.gpt(torch.relu(self.lin(x)))
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
 
 
 def make(seed: int = 0, **kw) -> PeftModel:
     kwargs = dict(target_modules=list(NAMES), init_r=6, target_r=2, total_step=20, lora_alpha=4) | kw
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out is corrected per layer type
-        return get_peft_model(Net(seed), AdaLoraConfig(**kwargs))
+        return get_peft_model(LinearConv1DNet(seed), AdaLoraConfig(**kwargs))
 
 
 def layers(model, name="default"):
@@ -174,7 +157,7 @@ def test_plain_loop_with_hooks_learns_prunes_to_target_and_saves_pruned(tmp_path
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert sum(saved[f"base_model.model.{k}.lora_E"].shape[0] for k in NAMES) == 4
     assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] == pattern
-    loaded = PeftModel.from_pretrained(Net(0), tmp_path)
+    loaded = PeftModel.from_pretrained(LinearConv1DNet(0), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x=x)["logits"], model(x=x)["logits"], atol=1e-6, rtol=0)
 
@@ -241,7 +224,7 @@ def test_allocator_without_gradients_says_when_to_call_it():
 def test_total_step_may_come_later_but_is_required_to_wrap_a_model():
     config = AdaLoraConfig(target_modules=["lin"])  # peftkit train fills it from the run's length
     with pytest.raises(ValueError, match="total_step=None"):
-        get_peft_model(Net(0), config)
+        get_peft_model(LinearConv1DNet(0), config)
 
 
 @pytest.mark.parametrize("bad", [dict(total_step=0), dict(init_r=0), dict(beta1=1.0), dict(tinit=20),

@@ -13,38 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 
 from peftkit import DiffPruningConfig, PeftModel, get_peft_model
 from peftkit.methods.diff_pruning import hooks
 from peftkit.methods.diff_pruning.layer import hard_concrete
 from peftkit.train import Trainer, TrainingArguments
+from tiny_models import LinearConv1DNet
 
 NAMES = ("lin", "gpt")
 
-
-class Net(nn.Module):
-    """x (batch, 8) -> logits (batch, 4) through an nn.Linear and a GPT-2 Conv1D ((in, out) weight)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        torch.manual_seed(seed)
-        self.lin = nn.Linear(8, 16)
-        self.gpt = Conv1D(4, 16)  # in=16, out=4
-
-    def forward(self, x, labels=None):
-        logits = self.gpt(torch.relu(self.lin(x)))
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
 
 
 def make(seed: int = 0, **kw) -> PeftModel:
     kwargs = dict(target_modules=list(NAMES), total_step=20, init_diff_weights=False) | kw
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fan_in_fan_out is corrected per layer type
-        model = get_peft_model(Net(seed), DiffPruningConfig(**kwargs))
+        model = get_peft_model(LinearConv1DNet(seed), DiffPruningConfig(**kwargs))
     model.eval()
     with torch.no_grad():  # gates spread over their range, some shut, some open, some between
         for layer in layers(model).values():
@@ -149,7 +133,7 @@ def test_projected_adapter_saves_indices_and_values_and_reloads_exactly(tmp_path
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert {k.rsplit(".", 1)[1] for k in saved} == {"diff_indices", "diff_values"}
     assert sum(t.numel() for k, t in saved.items() if k.endswith("diff_values")) == round(0.05 * (8 * 16 + 16 * 4))
-    loaded = PeftModel.from_pretrained(Net(0), tmp_path)
+    loaded = PeftModel.from_pretrained(LinearConv1DNet(0), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x=x)["logits"], model(x=x)["logits"], atol=0, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
@@ -167,7 +151,7 @@ def test_a_file_whose_indices_do_not_fit_is_refused(tmp_path):
     saved["base_model.model.lin.diff_indices"][0] = 10_000
     save_file(saved, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="reach outside the weight's 128 entries"):
-        PeftModel.from_pretrained(Net(0), tmp_path)
+        PeftModel.from_pretrained(LinearConv1DNet(0), tmp_path)
 
 
 def test_schedule_projects_at_total_step_minus_fixed_mask_steps_and_keeps_the_mask():
@@ -236,7 +220,7 @@ def test_training_state_round_trips_the_masks():
 def test_total_step_is_required_to_wrap_a_model():
     DiffPruningConfig()  # may come later (`peftkit train` fills it)
     with pytest.raises(ValueError, match="total_step=None is invalid"):
-        get_peft_model(Net(0), DiffPruningConfig(target_modules=["lin"]))
+        get_peft_model(LinearConv1DNet(0), DiffPruningConfig(target_modules=["lin"]))
 
 
 @pytest.mark.parametrize("bad", [dict(target_density=0), dict(target_density=1.5), dict(fixed_mask_steps=5, total_step=5),

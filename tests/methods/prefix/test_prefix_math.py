@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit import PeftConfig, PeftModel, PrefixTuningConfig, PTuningV2Config, get_peft_model
-from tiny_models import FAMILIES, logits, model_inputs, tiny_bert, tiny_llama
+from tiny_models import FAMILIES, lm_losses, logits, model_inputs, tiny_bert, tiny_llama
 
 P = 4
 
@@ -169,15 +169,7 @@ def test_only_the_prefix_trains_and_the_loss_falls(projection):
     x = model_inputs(batch=4, length=8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert all(".prompt_encoder.default." in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, x, lr=0.05)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 

@@ -13,7 +13,7 @@ import torch
 
 from methods.prompt.helpers import WORDS, direct, save_tokenizer
 from peftkit import PeftModel, PromptTuningConfig, get_peft_model
-from tiny_models import FAMILIES, logits, model_inputs, tiny_llama
+from tiny_models import FAMILIES, lm_losses, logits, model_inputs, tiny_llama
 
 P = 4
 
@@ -125,15 +125,7 @@ def test_only_the_prompt_trains_and_the_loss_falls():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["base_model.model.model.embed_tokens.prompt_encoder.default.weight"]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, x, lr=0.1)
     assert losses[-1] < 0.9 * losses[0], losses
     for n, p in model.named_parameters():
         if n in frozen:

@@ -11,7 +11,7 @@ import torch
 
 from methods.prompt.helpers import direct
 from peftkit import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from tiny_models import FAMILIES, logits, model_inputs, tiny_llama
+from tiny_models import FAMILIES, lm_losses, logits, model_inputs, tiny_llama
 
 P = 4
 
@@ -101,15 +101,7 @@ def test_only_the_encoder_trains_and_the_loss_falls(kind):
         num_virtual_tokens=P, task_type="CAUSAL_LM", encoder_reparameterization_type=kind))
     x = model_inputs(batch=4, length=8)
     assert all(".prompt_encoder.default." in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, x, lr=0.01)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
