@@ -45,6 +45,9 @@ class MethodSpec:
     # (config) -> the fix to print when a file does not fit an adapter of this config, where the method
     # knows better than "load it onto its base model" (files that fold a trained encoder away), or None.
     load_fix: Callable[[object], str | None] | None = None
+    # False: training under gradient checkpointing is refused (prefix tuning: transformers drops the
+    # key/value cache inside checkpointed layers); tools that plan a run (recommend) skip the method.
+    supports_checkpointing: bool = True
     # (adapter_model, name): an initialisation that needs the whole model, run once the adapter's
     # layers exist (prefix tuning from the frozen model's own keys and values for a text).
     after_inject: Callable[[nn.Module, str], None] | None = None

@@ -72,3 +72,12 @@ def test_constraints_are_checked():
         Constraints(gpu_memory_gib=0)
     with pytest.raises(ValueError, match="data_size"):
         Constraints(gpu_memory_gib=8, data_size=0)
+
+
+def test_methods_that_refuse_gradient_checkpointing_are_not_recommended_with_it():
+    opts = MemoryOptions(batch_size=1, seq_len=512, gradient_checkpointing=True)
+    found = by_name(recommend(LLAMA_8B, configs(LLAMA_8B, ("lora", "prefix")), opts, Constraints(gpu_memory_gib=80)))
+    assert found["lora"].fits and not found["prefix"].fits
+    assert "cannot train under gradient checkpointing" in found["prefix"].reasons[0]
+    plain = by_name(recommend(LLAMA_8B, configs(LLAMA_8B, ("prefix",)), SHORT, Constraints(gpu_memory_gib=80)))
+    assert plain["prefix"].fits

@@ -76,20 +76,28 @@ def candidates(src: ModelSource, configs: dict[str, object], opts: MemoryOptions
 
 
 
-def rank(found: list[Candidate], limits: Constraints, tokens: int) -> list[Candidate]:
+def rank(found: list[Candidate], limits: Constraints, tokens: int, checkpointing: bool = False) -> list[Candidate]:
     budget = limits.headroom * limits.gpu_memory_gib * GIB
     plain = {c.method: c for c in found if not c.estimate.four_bit}
     for c in found:
-        c.fits = c.estimate.total <= budget
-        c.reasons = [_memory_reason(c, limits)]
+        c.fits = c.estimate.total <= budget and _runs_as_planned(c, checkpointing)
+        c.reasons = [_memory_reason(c, limits, checkpointing)]
         c.score = _capacity(c, tokens) + _quantization(c, plain.get(c.method), budget)
         c.score += _merge(c) if limits.need_merge else 0.0
         c.score += _multi(c) if limits.multi_adapter else 0.0
     return sorted(found, key=lambda c: (not c.fits, -c.score))
 
 
-def _memory_reason(c: Candidate, limits: Constraints) -> str:
+def _runs_as_planned(c: Candidate, checkpointing: bool) -> bool:
+    from peftkit.registry import get_method
+
+    return not checkpointing or c.method == "full" or get_method(c.method).supports_checkpointing
+
+
+def _memory_reason(c: Candidate, limits: Constraints, checkpointing: bool) -> str:
     need, have = c.estimate.total / GIB, limits.headroom * limits.gpu_memory_gib
+    if not _runs_as_planned(c, checkpointing):
+        return "does not fit the plan: it cannot train under gradient checkpointing; plan it without"
     verdict = "fits" if c.fits else "does not fit"
     return f"{verdict}: needs about {need:.1f} GiB of {have:.1f} GiB usable ({limits.gpu_memory_gib:g} GiB GPU)"
 
@@ -142,4 +150,4 @@ def _multi(c: Candidate) -> float:
 
 def recommend(src: ModelSource, configs: dict[str, object], opts: MemoryOptions, limits: Constraints) -> list[Candidate]:
     """Ranked candidates (best first; those that do not fit last), each with its reasons."""
-    return rank(candidates(src, configs, opts), limits, tokens=limits.data_size * opts.seq_len)
+    return rank(candidates(src, configs, opts), limits, limits.data_size * opts.seq_len, opts.gradient_checkpointing)

@@ -38,6 +38,7 @@ def _spec(name: str, config_cls: type, summary: str, claims=None) -> MethodSpec:
         file_prefix="base_model.",
         load_fix=load_fix,
         after_inject=init_from_text,
+        supports_checkpointing=False,  # see check_no_checkpointing in inputs.py
     ))
 
 
