@@ -34,3 +34,6 @@ __all__ = [
 ]
 __all__ += ["PrefixTuningConfig", "PTuningV2Config", "PromptEncoderConfig"]
 __all__ += ["BitFitConfig", "PartialConfig", "DiffPruningConfig"]
+from peftkit.methods.adapter import FusionConfig  # noqa: E402
+
+__all__ += ["FusionConfig"]

@@ -91,6 +91,16 @@ class PeftModel(nn.Module):
         self.base_model.add_adapter(adapter_name, self._prepare_config(self.get_base_model(), peft_config))
         self.base_model.set_adapter(self.base_model.active_adapters)
 
+    def add_fusion(self, adapter_names: list[str], name: str = "fusion", **options: Any) -> None:
+        """Add an AdapterFusion over the bottleneck adapters ``adapter_names`` (not activated;
+        ``set_adapter(name)`` activates it and trains only its W_Q, W_K, W_V and modules_to_save).
+        ``options`` are FusionConfig fields; task_type defaults to the first member's."""
+        from peftkit.methods.adapter.fusion_config import FusionConfig
+
+        first = self.peft_config.get(adapter_names[0]) if adapter_names else None
+        options.setdefault("task_type", getattr(first, "task_type", None))
+        self.add_adapter(name, FusionConfig(adapter_names=list(adapter_names), **options))
+
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
 

@@ -58,6 +58,10 @@ class MethodSpec:
     # saved in trainer checkpoints so that a resumed run continues exactly.
     get_state: Callable[[nn.Module, str], dict] | None = None  # (adapter_model, name) -> picklable dict
     set_state: Callable[[nn.Module, str, dict], None] | None = None  # (adapter_model, name, state)
+    # True: the method combines adapters the model already holds (AdapterFusion) rather than adapting
+    # a plain model, so list_methods() (the CLI's train/params/recommend choices) leaves it out; it
+    # still loads by peft_type and get_method(name) finds it.
+    composes: bool = False
 
     def wrapper_for(self, module: nn.Module, config: object) -> type | None:
         """First matching rule wins, so specific base types are registered before general ones."""
@@ -82,8 +86,9 @@ def _ensure_loaded() -> None:
 
 
 def list_methods() -> list[str]:
+    """Methods that adapt a plain model (those that only compose existing adapters left out)."""
     _ensure_loaded()
-    return list(_METHODS)
+    return [name for name, spec in _METHODS.items() if not spec.composes]
 
 
 def get_method(name: str) -> MethodSpec:

@@ -12,6 +12,8 @@ adapters. The engine only talks to layers through this small contract:
   file without a model (``peftkit inspect``) know the adapter's tensors by asking the registry.
   A layer whose file form differs from its live tensors (diff pruning's sparse diff) also defines
   ``from_saved(name, tensors)``, the inverse of ``saved_tensors``, which loading calls first.
+- ``check_delete(name)`` (optional): raise if the layer still needs adapter ``name`` (a fusion over
+  it); the engine asks every layer first, so that a refused delete changes nothing.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
@@ -74,6 +76,10 @@ class AdapterLayer(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def check_delete(self, name: str) -> None:
+        """Raise if adapter ``name`` cannot be deleted from this layer (another adapter of the layer
+        uses it: a fusion's member); change nothing. The engine asks every layer before deleting."""
 
     def check_unmerge(self) -> None:
         """Raise if `unmerge` could not restore the base weights; change nothing. The engine asks

@@ -192,6 +192,8 @@ class AdapterModel(nn.Module):
         if merged:
             raise ValueError(f"adapter {name!r} is merged into {len(merged)} layers (e.g. {merged[0]!r}); "
                              "call unmerge_adapter() before deleting it")
+        for _, layer in self.adapter_layers():
+            layer.check_delete(name)
         self._remove_traces(name)
         remaining = [n for n in self.active_adapters if n != name] or list(self.peft_config)[:1]
         self.active_adapters = []

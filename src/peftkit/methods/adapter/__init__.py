@@ -1,6 +1,9 @@
-"""Bottleneck adapters: a small residual MLP after a sub-layer's output (Houlsby / Pfeiffer placement)."""
+"""Bottleneck adapters: a small residual MLP after a sub-layer's output (Houlsby / Pfeiffer placement),
+and AdapterFusion, an attention over several trained bottleneck adapters (registered as "fusion")."""
 from peftkit.engine.targets import is_linear
+from peftkit.methods.adapter import fusion_hooks
 from peftkit.methods.adapter.config import BottleneckConfig
+from peftkit.methods.adapter.fusion_config import FusionConfig
 from peftkit.methods.adapter.layer import BottleneckLayer
 from peftkit.registry import LayerRule, MethodSpec, register_method
 
@@ -16,4 +19,23 @@ SPEC = register_method(MethodSpec(
     layer_rules=[LayerRule(lambda m, c: is_linear(m), BottleneckLayer)],
 ))
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "SPEC"]
+# A fusion lives in the BottleneckLayers that already hold its members (find_targets picks them),
+# so its rule names the same wrapper and the engine adds it to those layers.
+FUSION_SPEC = register_method(MethodSpec(
+    name="fusion",
+    peft_type="ADAPTER_FUSION",
+    config_cls=FusionConfig,
+    supports="layers holding bottleneck adapters",
+    target_presets=False,
+    composes=True,
+    summary="AdapterFusion (Pfeiffer et al., 2021): h + sum_i softmax_i(q . k_i / T) v_i over the outputs of "
+            "frozen bottleneck adapters; only W_Q, W_K, W_V train; cannot be merged.",
+    layer_rules=[LayerRule(lambda m, c: is_linear(m), BottleneckLayer)],
+    find_targets=fusion_hooks.find_targets,
+    extra_loss=fusion_hooks.value_regularization,
+    after_step=fusion_hooks.anneal,
+    get_state=fusion_hooks.get_state,
+    set_state=fusion_hooks.set_state,
+))
+
+__all__ = ["BottleneckConfig", "BottleneckLayer", "FusionConfig", "FUSION_SPEC", "SPEC"]

@@ -18,6 +18,10 @@ and are saved, so one file serves every drop setting.
 The adapter is nonlinear in h, so it cannot be folded into W: ``can_merge`` is False and the
 engine refuses to merge it. File keys: ``<module>.adapter_down.weight`` / ``.bias`` and
 ``<module>.adapter_up.weight`` / ``.bias``.
+
+The layer also holds AdapterFusions over its adapters (``adapter_fusion``, one ``FusionAttention``
+per fusion name; the math is in methods/adapter/fusion.py): an active fusion adds the attention-
+weighted sum of its members' outputs, and a member cannot be deleted while a fusion uses it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from torch import nn
 from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter
 from peftkit.engine.targets import layer_index
 from peftkit.methods.adapter.config import BottleneckConfig
+from peftkit.methods.adapter.fusion import FusionAttention
+from peftkit.methods.adapter.fusion_config import FusionConfig
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -38,7 +44,7 @@ class BottleneckLayer(AdapterLayer):
     """Bottleneck adapters on the output of ``nn.Linear`` or GPT-2's ``Conv1D``."""
 
     can_merge = False
-    file_tensors = ("adapter_down", "adapter_up")
+    file_tensors = ("adapter_down", "adapter_up", "adapter_fusion")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -48,9 +54,13 @@ class BottleneckLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.non_linearity: dict[str, str] = {}
         self.drop_mode: dict[str, str | None] = {}  # None: never dropped here
+        self.adapter_fusion = nn.ModuleDict()  # fusion name -> FusionAttention over adapters of this layer
 
     # -- the contract ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: BottleneckConfig, key: str) -> None:
+    def add_adapter(self, name: str, config: BottleneckConfig | FusionConfig, key: str) -> None:
+        if isinstance(config, FusionConfig):  # the fusion method's targets are layers holding every member
+            self.adapter_fusion[name] = FusionAttention(self.out_features, config, self.base_weight().device)
+            return
         d = self.out_features
         m = config.bottleneck_for(d)
         device = self.base_weight().device
@@ -64,16 +74,28 @@ class BottleneckLayer(AdapterLayer):
         block = layer_index(key, config.layers_pattern)
         self.drop_mode[name] = config.adapter_drop_mode if block in config.dropped_blocks() else None
 
+    def check_delete(self, name: str) -> None:
+        users = [f for f, fusion in self.adapter_fusion.items() if name in fusion.members]
+        if users:
+            raise ValueError(f"adapter {name!r} is a member of fusion {users[0]!r}, which needs it; "
+                             f"delete_adapter({users[0]!r}) first (nothing was changed)")
+
     def delete_adapter(self, name: str) -> None:
-        del self.adapter_down[name], self.adapter_up[name]
-        for table in (self.scaling, self.non_linearity, self.drop_mode):
-            table.pop(name)
+        self.check_delete(name)
+        if name in self.adapter_fusion:
+            del self.adapter_fusion[name]
+        else:
+            del self.adapter_down[name], self.adapter_up[name]
+            for table in (self.scaling, self.non_linearity, self.drop_mode):
+                table.pop(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def adapter_names(self) -> list[str]:
-        return list(self.adapter_down.keys())
+        return list(self.adapter_down.keys()) + list(self.adapter_fusion.keys())
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.adapter_fusion:
+            return {f"adapter_fusion.{k}": t for k, t in self.adapter_fusion[name].tensors().items()}
         down, up = self.adapter_down[name], self.adapter_up[name]
         return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
                 "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
@@ -94,6 +116,23 @@ class BottleneckLayer(AdapterLayer):
         act = ACTIVATIONS[self.non_linearity[name]]
         return self.scaling[name] * up(act(down(h.to(down.weight.dtype))))
 
+    def fused_output(self, h: torch.Tensor, name: str) -> torch.Tensor | None:
+        """sum_i w_i v_i of fusion ``name`` over its members kept here (None if AdapterDrop skips all)."""
+        fusion = self.adapter_fusion[name]
+        kept = [m for m in fusion.members if not self.skipped(m)]
+        if not kept:
+            return None
+        outputs = torch.stack([self.adapter_output(h, m) for m in kept], dim=-2)  # (..., N, d)
+        return fusion(h, outputs)  # (..., d)
+
+    def contribution(self, h: torch.Tensor, name: str) -> torch.Tensor | None:
+        """What adapter or fusion ``name`` adds to h here, in h's dtype; None when it is skipped."""
+        if name in self.adapter_fusion:
+            out = self.fused_output(h, name)
+        else:
+            out = None if self.skipped(name) else self.adapter_output(h, name)
+        return None if out is None else out.to(h.dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -102,15 +141,19 @@ class BottleneckLayer(AdapterLayer):
             return self.mixed_forward(h)
         result = h
         for name in self.unmerged_active():
-            if not self.skipped(name):
-                result = result + self.adapter_output(h, name).to(h.dtype)
+            delta = self.contribution(h, name)
+            if delta is not None:
+                result = result + delta
         return result
 
     def mixed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Each row of h (batch, ..., d) gets its own adapter (or none), as if run alone."""
+        """Each row of h (batch, ..., d) gets its own adapter or fusion (or none), as if run alone."""
         result = h
         for name, rows in rows_by_adapter(self.batch_adapter_names, h.shape[0]).items():
-            if name != BASE and name in self.adapter_down and not self.skipped(name):
-                rows = rows.to(h.device)
-                result = result.index_add(0, rows, self.adapter_output(h[rows], name).to(h.dtype))
+            if name == BASE or name not in self.adapter_names():
+                continue
+            rows = rows.to(h.device)
+            delta = self.contribution(h[rows], name)
+            if delta is not None:
+                result = result.index_add(0, rows, delta)
         return result
