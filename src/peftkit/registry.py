@@ -62,6 +62,9 @@ class MethodSpec:
     # a plain model, so list_methods() (the CLI's train/params/recommend choices) leaves it out; it
     # still loads by peft_type and get_method(name) finds it.
     composes: bool = False
+    # False: peft_type is peftkit's own (HF PEFT cannot load these files); the model card says so.
+    hf_format: bool = True
+    load_hint: str = ""  # a loading step the model card adds (a fusion's members come first)
 
     def wrapper_for(self, module: nn.Module, config: object) -> type | None:
         """First matching rule wins, so specific base types are registered before general ones."""

@@ -169,6 +169,14 @@ def write_model_card(folder: str | os.PathLike, config: Any) -> None:
             f"- base model: `{config.base_model_name_or_path}`\n"
             f"- task: `{config.task_type}`\n"
             f"- target modules: `{getattr(config, 'target_modules', None)}`\n\n"
-            "Load with `peftkit.PeftModel.from_pretrained(base_model, this_folder)` "
-            "(or Hugging Face PEFT's `PeftModel.from_pretrained`).\n")
+            f"{load_line(method_for_config(config))}\n")
     atomic_write_text(path, text)
+
+
+def load_line(spec: Any) -> str:
+    """How to load a folder of this method (the model card's last line)."""
+    if spec.load_hint:
+        return spec.load_hint
+    also = " (or Hugging Face PEFT's `PeftModel.from_pretrained`)" if spec.hf_format else \
+        f" (peftkit's own format: Hugging Face PEFT has no {spec.peft_type} adapters)"
+    return f"Load with `peftkit.PeftModel.from_pretrained(base_model, this_folder)`{also}."

@@ -10,6 +10,7 @@ from peftkit.registry import LayerRule, MethodSpec, register_method
 SPEC = register_method(MethodSpec(
     name="adapter",
     peft_type="BOTTLENECK",
+    hf_format=False,
     config_cls=BottleneckConfig,
     prepare_config=lambda config, model: config.fill_defaults(getattr(getattr(model, "config", None), "model_type", None)),
     supports="Linear, GPT-2 Conv1D",
@@ -28,6 +29,9 @@ FUSION_SPEC = register_method(MethodSpec(
     supports="layers holding bottleneck adapters",
     target_presets=False,
     composes=True,
+    hf_format=False,
+    load_hint="A fusion folder holds only the fusion's own tensors: load its member adapters onto the base "
+              "model first, under the names in `adapter_names`, then `model.load_adapter(this_folder, name)`.",
     summary="AdapterFusion (Pfeiffer et al., 2021): h + sum_i softmax_i(q . k_i / T) v_i over the outputs of "
             "frozen bottleneck adapters; only W_Q, W_K, W_V train; cannot be merged.",
     layer_rules=[LayerRule(lambda m, c: is_linear(m), BottleneckLayer)],

@@ -44,6 +44,7 @@ def layer_norms(model: nn.Module, config: BitFitConfig) -> list[str]:
 SPEC = register_method(MethodSpec(
     name="bitfit",
     peft_type="BITFIT",
+    hf_format=False,
     config_cls=BitFitConfig,
     supports="Linear, GPT-2 Conv1D, LayerNorm",
     summary="Train only bias terms, as bias deltas that merge into the base biases (Ben Zaken et al., 2022).",

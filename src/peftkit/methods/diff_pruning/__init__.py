@@ -15,6 +15,7 @@ def prepare_config(config: DiffPruningConfig, model) -> None:
 SPEC = register_method(MethodSpec(
     name="diff_pruning",
     peft_type="DIFF_PRUNING",
+    hf_format=False,
     config_cls=DiffPruningConfig,
     prepare_config=prepare_config,
     supports="Linear, GPT-2 Conv1D",

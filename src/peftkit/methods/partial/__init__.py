@@ -79,6 +79,7 @@ def prepare_config(config: PartialConfig, model: nn.Module) -> None:
 SPEC = register_method(MethodSpec(
     name="partial",
     peft_type="PARTIAL",
+    hf_format=False,
     config_cls=PartialConfig,
     supports="any leaf module with parameters (Linear, LayerNorm, RMSNorm, Conv1D, ...)",
     summary="Train every parameter of the top k blocks (and optionally the head), as full-size deltas.",
