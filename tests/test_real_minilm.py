@@ -35,9 +35,9 @@ def only_adapters_and_head_train(model) -> bool:
 # method -> (config, learning rate, training snippets, a structural check of the wrapped model)
 ROWS = {
     "lora": (lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]),
-             2e-3, 2000, None),
+             3e-3, 1280, None),
     "dora": (lambda: DoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]),
-             2e-3, 2000, dora_is_used),
+             3e-3, 1280, dora_is_used),
     # Few parameters: a higher rate; the classifier head trains in full via modules_to_save.
     "ia3": (lambda: IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
                               feedforward_modules=["output.dense"]), 3e-2, 1280, only_scales_and_head_train),
