@@ -71,3 +71,23 @@ def padded_inputs(family: str) -> dict:
     if family == "bert":
         x["token_type_ids"] = torch.ones_like(x["input_ids"])
     return x
+
+
+def assert_same_layout_as_hf(built: dict, tmp_path, config_name: str) -> dict:
+    """``built`` maps "pk" and "hf" to the same adapter made by each library: equal trainable counts,
+    equal file keys and shapes, equal config fields (classifier head names aside), and no field HF's
+    ``config_name`` does not know. Returns peftkit's file keys -> shapes for further checks."""
+    trainable = {lib: sum(p.numel() for p in m.parameters() if p.requires_grad) for lib, m in built.items()}
+    assert trainable["pk"] == trainable["hf"]
+    files = {}
+    for lib, model in built.items():
+        model.save_pretrained(tmp_path / lib)
+        files[lib] = saved(tmp_path / lib)
+    assert files["pk"][0] == files["hf"][0]
+    ours, theirs = files["pk"][1], files["hf"][1]
+    for config in (ours, theirs):  # HF lists every usual head name; compare the ones that exist
+        config["modules_to_save"] = sorted(set(config["modules_to_save"] or []) & {"classifier"}) or None
+    shared = sorted(ours.keys() & theirs.keys())
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert set(ours) - set(theirs) == set(), f"we write a field HF's {config_name} does not know"
+    return files["pk"][0]

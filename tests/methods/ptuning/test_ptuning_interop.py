@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import peftkit as pk
-from hf_interop import load, padded_inputs as inputs, saved, train
+from hf_interop import assert_same_layout_as_hf, load, padded_inputs as inputs, train
 from hf_interop import make as make_adapter
 from tiny_models import FAMILIES, logits, model_inputs
 
@@ -54,17 +54,6 @@ def test_generate_agrees_token_for_token(src, dst, tmp_path):
 def test_same_trainable_parameters_keys_shapes_and_config(family, encoder, tmp_path):
     kwargs = dict(encoder_reparameterization_type=encoder, encoder_hidden_size=12, encoder_dropout=0.1)
     built = {lib: make(lib, family, **kwargs) for lib in LIBS}
-    trainable = {lib: sum(p.numel() for p in m.parameters() if p.requires_grad) for lib, m in built.items()}
-    assert trainable["pk"] == trainable["hf"]
-    files = {}
-    for lib, model in built.items():
-        model.save_pretrained(tmp_path / lib)
-        files[lib] = saved(tmp_path / lib)
-    assert files["pk"][0] == files["hf"][0] == {"prompt_embeddings": (4, 32)} | (
+    keys = assert_same_layout_as_hf(built, tmp_path, "PromptEncoderConfig")
+    assert keys == {"prompt_embeddings": (4, 32)} | (
         {"base_model.classifier.weight": (2, 32), "base_model.classifier.bias": (2,)} if family == "bert" else {})
-    ours, theirs = files["pk"][1], files["hf"][1]
-    for config in (ours, theirs):
-        config["modules_to_save"] = sorted(set(config["modules_to_save"] or []) & {"classifier"}) or None
-    shared = sorted(ours.keys() & theirs.keys())
-    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
-    assert set(ours) - set(theirs) == set(), "we write a field HF's PromptEncoderConfig does not know"
