@@ -10,6 +10,7 @@ problems, 1 when it does (so scripts can gate on it), 2 when the folder is not t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter, defaultdict
@@ -78,9 +79,17 @@ def read_weights(folder: Path, report: Report) -> None:
 def adapter_param_names() -> frozenset[str]:
     """The names adapter layers give their own tensors in files, asked of every registered method
     (each layer type declares them as ``file_tensors``): a new method needs no edit here."""
-    from peftkit.registry import get_method, list_methods
+    from peftkit.registry import list_methods
 
-    return frozenset(name for method in list_methods() for rule in get_method(method).layer_rules
+    return _file_tensor_names(tuple(list_methods()))
+
+
+@functools.lru_cache(maxsize=4)
+def _file_tensor_names(methods: tuple[str, ...]) -> frozenset[str]:
+    """Computed once per set of registered methods: split_key asks for every tensor of a file."""
+    from peftkit.registry import get_method
+
+    return frozenset(name for method in methods for rule in get_method(method).layer_rules
                      for name in getattr(rule.wrapper, "file_tensors", ()))
 
 
