@@ -130,6 +130,13 @@ def additive_unmerge(layer: AdapterLayer) -> None:
         merge_into(layer.base_weight(), layer.delta_weight(name), False, name, sign=-1.0)
 
 
+def check_finite(adapter: str, *tensors: torch.Tensor) -> None:
+    """Raise, naming the adapter, if merging it would put NaN/inf into the weights (safe merge)."""
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise ValueError(f"merging adapter {adapter!r} would put NaN/inf into the weights; "
+                         "the adapter is broken (check its training run), nothing was changed")
+
+
 def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: str, sign: float = 1.0) -> float:
     """Add ``sign * delta`` to ``weight`` in float32 and round once; return the rounding error.
 
@@ -137,9 +144,8 @@ def merge_into(weight: torch.Tensor, delta: torch.Tensor, safe: bool, adapter: s
     float32 rounds once. The returned value is max |stored - exact| so callers can report it.
     """
     exact = weight.detach().float() + sign * delta.float()
-    if safe and not torch.isfinite(exact).all():
-        raise ValueError(f"merging adapter {adapter!r} would put NaN/inf into the weights; "
-                         "the adapter is broken (check its training run), nothing was changed")
+    if safe:
+        check_finite(adapter, exact)
     rounded = exact.to(weight.dtype)
     weight.data.copy_(rounded)
     return (rounded.float() - exact).abs().max().item() if exact.numel() else 0.0

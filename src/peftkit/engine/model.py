@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.engine import targets
-from peftkit.engine.layer import BASE, AdapterLayer, ModulesToSave
+from peftkit.engine.layer import BASE, AdapterLayer, ModulesToSave, check_finite
 from peftkit.registry import method_for_config
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -322,9 +322,8 @@ class AdapterModel(nn.Module):
         """Check every layer before touching any weight, so a failed safe merge changes nothing."""
         for layer in layers:
             for name in names:
-                if name in layer.adapter_names() and not torch.isfinite(layer.delta_weight(name)).all():
-                    raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weights; "
-                                     "the adapter is broken, nothing was changed")
+                if name in layer.adapter_names():
+                    check_finite(name, layer.delta_weight(name))
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights everywhere, or (if some layer cannot) raise having changed none."""

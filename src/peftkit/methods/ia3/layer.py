@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter, sync_fan_in_fan_out
+from peftkit.engine.layer import (BASE, AdapterLayer, check_finite, linear_layout, rows_by_adapter,
+                                  sync_fan_in_fan_out)
 from peftkit.methods.ia3.config import IA3Config
 
 MIN_UNMERGE = 1e-6  # below this |l|, dividing a merged weight by l cannot give the base back
@@ -136,9 +137,8 @@ class IA3Layer(AdapterLayer):
         if bias is not None and not self.is_feedforward[name]:
             pairs.append((bias, self.ia3_l[name].detach().float().flatten()))
         exact = [p.detach().float() / s if inverse else p.detach().float() * s for p, s in pairs]
-        if safe and not all(torch.isfinite(e).all() for e in exact):
-            raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weights; "
-                             "the adapter is broken (check its training run), nothing was changed")
+        if safe:
+            check_finite(name, *exact)
         error = 0.0
         for (param, _), value in zip(pairs, exact):
             rounded = value.to(param.dtype)

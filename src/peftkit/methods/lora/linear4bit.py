@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from peftkit.engine.layer import check_finite
 from peftkit.methods.lora.layer import LoraLinear
 from peftkit.quant.linear4bit import Linear4bit
 
@@ -44,9 +45,8 @@ class Lora4bitLinear(LoraLinear):
             return self.last_merge_error
         base = self.base_layer
         exact = base.dequantize(torch.float32) + sum(self.delta_weight(n) for n in todo)  # (out, in)
-        if safe and not torch.isfinite(exact).all():
-            raise ValueError(f"merging adapter {todo[0]!r} would put NaN/inf into the weights; "
-                             "the adapter is broken (check its training run), nothing was changed")
+        if safe:
+            check_finite(todo[0], exact)
         if self.premerge is None:
             self.premerge = base.quantized_tensors()
         base.requantize(exact)
