@@ -106,6 +106,10 @@ def distributed_session(device: str = "auto", timeout_s: float = 1800.0) -> Iter
                             device_id=target if target.type == "cuda" else None)
     try:
         yield target
+        # Leave together: a rank that tears gloo down while its peer is still finishing a collective
+        # aborts that peer ("terminate called without an active exception"; seen in CI). Only on the
+        # normal path: after an error the peer may be gone, and a barrier would wait for it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
