@@ -77,7 +77,7 @@ def main() -> int:
     if not use_triton(probe):
         print("the Triton path is not available here (no CUDA, no TRITON_INTERPRET=1, or no triton)")
         return 1
-    shapes = [(33, 70), (128, 64)] if args.small else [(4096, 4096), (11008, 4096), (1000, 333)]
+    shapes = [(33, 70), (128, 64), (7, 33)] if args.small else [(4096, 4096), (11008, 4096), (1000, 333), (7, 33)]
     # The interpreter rounds fp32 -> bf16 differently from torch, so on CPU only fp32 is compared
     # (as in check_kernels_gpu.py); on CUDA every dtype must match bit for bit.
     dtypes = [torch.float32] if args.device == "cpu" else [torch.float32, torch.bfloat16, torch.float16]

@@ -55,3 +55,20 @@ def test_trainer_uses_it_when_asked_and_refuses_unknown_names():
         TrainingArguments(optim="lion")
     with pytest.raises(ValueError, match="betas"):
         PagedAdamW(model.parameters(), betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200])
+def test_chunks_of_any_size_give_the_same_update_and_bad_budget_is_refused(chunk_bytes):
+    whole, _ = run(PagedAdamW, lr=1e-2, weight_decay=0.1)
+    chunked, _ = run(lambda p, **k: PagedAdamW(p, chunk_bytes=chunk_bytes, **k), lr=1e-2, weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        PagedAdamW(whole, chunk_bytes=0)
+
+
+def test_parameters_of_two_dtypes_are_updated_in_separate_chunks():
+    from peftkit.train.paged_adamw import _chunks
+
+    a, b, c = torch.zeros(4), torch.zeros(4, dtype=torch.float64), torch.zeros(2)
+    assert [[id(t) for t in chunk] for chunk in _chunks([a, c, b], 1 << 20)] == [[id(a), id(c)], [id(b)]]
+    assert [len(chunk) for chunk in _chunks([a, c], 2 * 4 * 4)] == [1, 1]  # a's m and v fill the budget

@@ -28,14 +28,22 @@ The adapter may be kept in float32 while activations are bf16: A and B are cast 
 activation dtype (r x in and out x r copies, tiny), activations are never upcast, and the
 gradients are returned in the adapter's own dtype (on CUDA dA and dB come out of cuBLAS in
 float32 directly: one kernel each, no bf16 rounding of the gradient).
+
+A 4-bit base (QLoRA: ``weight`` holds packed NF4/FP4 codes, ``quant`` their QuantState) takes the
+same path: W is rebuilt in the activations' dtype right before each of its two matmuls (forward
+and dx) and dropped after, so no full-size weight outlives its matmul; the block constants are
+decoded once in forward and kept for backward (one float per 64 weights).
 """
 
 from __future__ import annotations
 
 import torch
 
+from peftkit.quant import nf4
+
 from . import triton_kernels as tk
 from .backend import cdiv, use_triton
+from .dequant4bit import dequantize_4bit
 
 _EXPAND_BLOCK = (128, 128)  # (rows, columns) of Y per program in low_rank_expand
 _EXPAND_WARPS = 4
@@ -47,6 +55,19 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> to
     y = torch.nn.functional.linear(x, weight, bias)
     lora = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B)
     return y + scaling * lora
+
+
+def frozen_weight(weight: torch.Tensor, quant: nf4.QuantState | None, dtype: torch.dtype,
+                  absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen base weight (out, in): ``weight`` itself, or rebuilt in ``dtype`` from 4-bit codes."""
+    if quant is None:
+        return weight
+    return dequantize_4bit(weight, quant, dtype, absmax)
+
+
+def decoded_absmax(quant: nf4.QuantState | None) -> torch.Tensor | None:
+    """A 4-bit weight's block constants with double quantization undone, for two rebuilds."""
+    return None if quant is None else nf4.absmax_of(quant)
 
 
 def mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -87,42 +108,47 @@ def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None 
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, quant):
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
         A = lora_A.to(x.dtype)                               # (r, in)
         Bs = x.new_empty(lora_B.shape[::-1])                 # (r, out)
         torch.mul(lora_B.t(), scaling, out=Bs)               # s B^T, cast in the same kernel
         xa = x2 @ A.t()                                      # (N, r)
         y = low_rank_expand(xa, Bs, None if bias is None else bias.to(x.dtype))  # (N, out)
-        y.addmm_(x2, weight.t())                             # y += x W^T
-        ctx.save_for_backward(x2, xa, weight, A, Bs)
-        ctx.scaling = scaling
+        absmax = decoded_absmax(quant)
+        y.addmm_(x2, frozen_weight(weight, quant, x.dtype, absmax).t())  # y += x W^T
+        ctx.save_for_backward(x2, xa, weight, A, Bs, *([] if absmax is None else [absmax]))
+        ctx.scaling, ctx.quant = scaling, quant
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])            # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, weight, A, Bs = ctx.saved_tensors
+        x2, xa, weight, A, Bs, *absmax = ctx.saved_tensors
+        absmax = absmax[0] if absmax else None
         g = grad_y.reshape(-1, grad_y.shape[-1])             # (N, out)
         gb = g @ Bs.t()                                      # (N, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = low_rank_expand(gb, A).addmm_(g, weight)    # (N, in)
+            w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
+            dx = low_rank_expand(gb, A).addmm_(g, w)         # (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
             dA = mm_as(gb.t(), x2, ctx.adapter_dtypes[0])    # (r, in)
         if ctx.needs_input_grad[4]:
             dB = mm_as(g.t(), xa, ctx.adapter_dtypes[1], ctx.scaling)  # (out, r)
-        return dx, None, None, dA, dB, None
+        return dx, None, None, dA, dB, None, None
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, quant: nf4.QuantState | None = None) -> torch.Tensor:
     """`x @ weight.T + bias + scaling * (x @ lora_A.T) @ lora_B.T` with a frozen `weight`/`bias`.
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r).
+    With `quant` (a QuantState), `weight` is a 4-bit base's packed codes, computed in x's dtype.
     Under autocast, or if the base weight needs a gradient, the plain formula is used instead.
     """
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if not frozen or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
-    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+    same_dtype = quant is not None or x.dtype == weight.dtype
+    if not frozen or torch.is_autocast_enabled(x.device.type) or not same_dtype:
+        return lora_linear_reference(x, frozen_weight(weight, quant, x.dtype), bias, lora_A, lora_B, scaling)
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), quant)

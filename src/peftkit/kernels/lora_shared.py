@@ -21,6 +21,7 @@ Backward, g_i = dL/dy_i (N, out_i):
 
 Saved: x once, xa (N, R), the stacked A (R x in, small), W_i, Bs_i. The modules, parameters and
 state-dict keys are untouched: this only changes how their forwards are computed together.
+A 4-bit W_i (QLoRA) is rebuilt right before each of its matmuls, as in lora_linear.
 """
 
 from __future__ import annotations
@@ -29,29 +30,37 @@ import functools
 
 import torch
 
-from .lora_linear import lora_linear_reference, low_rank_expand, mm_as
+from .lora_linear import decoded_absmax, frozen_weight, lora_linear_reference, low_rank_expand, mm_as
 
 
 def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
-    """The plain formula, one linear at a time; `layers` holds (weight, bias, A, B, scaling)."""
-    return [lora_linear_reference(x, *layer) for layer in layers]
+    """The plain formula, one linear at a time; `layers` holds (weight, bias, A, B, scaling[, quant])."""
+    return [lora_linear_reference(x, frozen_weight(w, quant, x.dtype), b, a, bb, s)
+            for w, b, a, bb, s, quant in map(_with_quant, layers)]
+
+
+def _with_quant(layer: tuple) -> tuple:
+    """(weight, bias, A, B, scaling, quant): quant None for a full-precision weight."""
+    return tuple(layer) if len(layer) == 6 else (*layer, None)
 
 
 class _LoraLinearsShared(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scalings, *params):
+    def forward(ctx, x, scalings, quants, *params):
         x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
         weights, biases, As, Bs = (params[k::4] for k in range(4))
         A = torch.cat([a.to(x.dtype) for a in As])                       # (R, in)
         xa = x2 @ A.t()                                                  # (N, R)
         ranks = [a.shape[0] for a in As]
         bss = [torch.mul(b.t(), s, out=x.new_empty(b.shape[::-1])) for b, s in zip(Bs, scalings)]  # (r_i, out_i)
+        absmaxes = [decoded_absmax(q) for q in quants]
         ys = []
-        for xa_i, bs, w, b in zip(xa.split(ranks, dim=1), bss, weights, biases):
+        for xa_i, bs, w, b, q, am in zip(xa.split(ranks, dim=1), bss, weights, biases, quants, absmaxes):
             y = low_rank_expand(xa_i, bs, None if b is None else b.to(x.dtype))  # (N, out_i)
-            ys.append(y.addmm_(x2, w.t()).view(*x.shape[:-1], w.shape[0]))
-        ctx.save_for_backward(x2, xa, A, *weights, *bss)
-        ctx.scalings, ctx.ranks = scalings, ranks
+            y.addmm_(x2, frozen_weight(w, q, x.dtype, am).t())
+            ys.append(y.view(*x.shape[:-1], y.shape[1]))
+        ctx.save_for_backward(x2, xa, A, *weights, *bss, *[am for am in absmaxes if am is not None])
+        ctx.scalings, ctx.ranks, ctx.quants = scalings, ranks, quants
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs)]
         return tuple(ys)
 
@@ -59,36 +68,41 @@ class _LoraLinearsShared(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, xa, A, *rest = ctx.saved_tensors
         n = len(ctx.ranks)
-        weights, bss = rest[:n], rest[n:]
+        weights, bss, decoded = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
+        absmaxes = [None if q is None else next(decoded) for q in ctx.quants]
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]                 # (N, out_i) each
         gb = torch.cat([g @ bs.t() for g, bs in zip(gs, bss)], dim=1)    # (N, R)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = low_rank_expand(gb, A)                                  # (N, in)
-            for g, w in zip(gs, weights):
-                dx.addmm_(g, w)                                          # += g_i W_i
+            for g, w, q, am in zip(gs, weights, ctx.quants, absmaxes):
+                dx.addmm_(g, frozen_weight(w, q, g.dtype, am))           # += g_i W_i
             dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
         common = functools.reduce(torch.promote_types, [a for a, _ in ctx.adapter_dtypes])
         dA = mm_as(gb.t(), x2, common).split(ctx.ranks)                  # (r_i, in) each
         out = []
         for i, (g, xa_i) in enumerate(zip(gs, xa.split(ctx.ranks, dim=1))):
             a_dtype, b_dtype = ctx.adapter_dtypes[i]
-            need_a, need_b = ctx.needs_input_grad[2 + 4 * i + 2], ctx.needs_input_grad[2 + 4 * i + 3]
+            need_a, need_b = ctx.needs_input_grad[3 + 4 * i + 2], ctx.needs_input_grad[3 + 4 * i + 3]
             da = dA[i].to(a_dtype) if need_a else None
             db = mm_as(g.t(), xa_i, b_dtype, ctx.scalings[i]) if need_b else None   # (out_i, r_i)
             out += [None, None, da, db]
-        return (dx, None, *out)
+        return (dx, None, None, *out)
 
 
 def lora_linears_shared(x, layers) -> list[torch.Tensor]:
     """`[lora_linear(x, *layer) for layer in layers]` as one node reading x once per pass.
 
-    layers: (weight, bias, lora_A, lora_B, scaling) per linear, all of the same `in` features.
+    layers: (weight, bias, lora_A, lora_B, scaling[, quant]) per linear, all of the same `in`
+    features; quant: the QuantState of a 4-bit weight (packed codes), else None or left out.
     Falls back to the plain formula where lora_linear would (trainable base, autocast, dtypes).
     """
+    layers = [_with_quant(layer) for layer in layers]
     frozen = all(not w.requires_grad and (b is None or not b.requires_grad) for w, b, *_ in layers)
-    if not frozen or torch.is_autocast_enabled(x.device.type) or any(w.dtype != x.dtype for w, *_ in layers):
+    same_dtype = all(q is not None or w.dtype == x.dtype for w, *_, q in layers)
+    if not frozen or torch.is_autocast_enabled(x.device.type) or not same_dtype:
         return lora_linears_shared_reference(x, layers)
     scalings = tuple(float(layer[4]) for layer in layers)
-    params = [t for w, b, a, bb, _ in layers for t in (w, b, a, bb)]
-    return list(_LoraLinearsShared.apply(x, scalings, *params))
+    quants = tuple(layer[5] for layer in layers)
+    params = [t for w, b, a, bb, *_ in layers for t in (w, b, a, bb)]
+    return list(_LoraLinearsShared.apply(x, scalings, quants, *params))

@@ -76,19 +76,21 @@ def _mlp_forward(self, x):
     return self.down_proj(silu_mul(gate, up))
 
 
-def _fused_layer(module: nn.Module):
-    """(weight, bias, A, B, scaling) of a LoRA linear that would run lora_linear, else None."""
+def _fused_layer(module: nn.Module, dtype: torch.dtype):
+    """(weight, bias, A, B, scaling, quant) of a LoRA linear that would run lora_linear, else None."""
     name = module.fused_adapter() if hasattr(module, "fused_adapter") else None
     plain_call = "forward" not in module.__dict__ and not (module._forward_hooks or module._forward_pre_hooks)
-    if name is None or not plain_call:
+    frozen = module.fused_weight(dtype) if name is not None and plain_call else None
+    if frozen is None:
         return None
-    base = module.base_layer
-    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+    weight, quant = frozen
+    return (weight, module.base_layer.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+            module.scaling[name], quant)
 
 
 def _shared_lora(x, modules) -> list | None:
     """The modules' outputs on x from one lora_linears_shared node, or None if any can't take part."""
-    layers = [_fused_layer(m) for m in modules]
+    layers = [_fused_layer(m, x.dtype) for m in modules]
     if any(layer is None for layer in layers):
         return None
     return lora_linears_shared(x, layers)

@@ -175,15 +175,19 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.
 
 # ----------------------------------------------------------------------------- 4-bit dequantization
 @jit
-def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BYTES: tl.constexpr):
     """OUT[i] = CODE[c_i] * ABSMAX[i // QBLOCK], rounded once to OUT's dtype.
 
     c_i is value i's 4-bit code: the high nibble of PACKED[i // 2] for even i, the low one for odd i.
+    Each program reads BYTES packed bytes once (one load per byte, not per value) and writes the
+    2 * BYTES values they hold, the two nibbles interleaved back into value order.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    byte = tl.load(PACKED + offs // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
-    q = tl.load(CODE + code, mask=mask, other=0.0)
-    a = tl.load(ABSMAX + offs // QBLOCK, mask=mask, other=0.0)
-    tl.store(OUT + offs, (q * a).to(OUT.dtype.element_ty), mask=mask)
+    byte_at = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)  # (BYTES,)
+    in_range = byte_at < (n + 1) // 2
+    byte = tl.load(PACKED + byte_at, mask=in_range, other=0).to(tl.int32)
+    scale = tl.load(ABSMAX + (2 * byte_at) // QBLOCK, mask=in_range, other=0.0)  # both nibbles: one block
+    hi = tl.load(CODE + (byte >> 4)) * scale  # values 2j
+    lo = tl.load(CODE + (byte & 15)) * scale  # values 2j + 1
+    value_at = tl.interleave(2 * byte_at, 2 * byte_at + 1)  # (2 BYTES,)
+    values = tl.interleave(hi, lo)
+    tl.store(OUT + value_at, values.to(OUT.dtype.element_ty), mask=value_at < n)

@@ -176,8 +176,11 @@ def absmax_of(state: QuantState) -> torch.Tensor:
     if state.nested is None:
         return state.absmax.float()
     nested = state.nested
-    group = torch.arange(nested.count, device=state.absmax.device) // DQ_BLOCK  # (n_blocks,)
-    return (state.absmax.float() * nested.step[group] + nested.offset).clamp_min(0)  # an absmax is never < 0
+    codes = state.absmax.float()  # (n_blocks,)
+    pad = (-codes.numel()) % DQ_BLOCK
+    groups = torch.nn.functional.pad(codes, (0, pad)).view(-1, DQ_BLOCK) if pad else codes.view(-1, DQ_BLOCK)
+    groups = groups.mul_(nested.step[:, None]).add_(nested.offset).clamp_min_(0)  # an absmax is never < 0
+    return groups.flatten()[: nested.count]
 
 
 def bits_per_value(state: QuantState) -> float:

@@ -127,11 +127,11 @@ class LoraLinear(LoraLayer):
             result = self.base_layer(x, *args, **kwargs)
             return result + stacked_delta(self, x).to(result.dtype)
         name = self.fused_adapter()
-        if name is None:
+        frozen = None if name is None else self.fused_weight(x.dtype)
+        if frozen is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           self.scaling[name])
+        return lora_linear(x, frozen[0], self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name], frozen[1])
 
     def stacked_mixed_batch(self) -> bool:
         """A mixed batch that the stacked path (mixed.py) computes exactly: unmerged, no dropout."""
@@ -153,6 +153,11 @@ class LoraLinear(LoraLayer):
             return None
         name = active[0]
         return name if not (self.training and self.dropout_p[name] > 0) else None
+
+    def fused_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Any] | None:
+        """(base weight, its 4-bit QuantState or None) for the fused node at activations of ``dtype``,
+        or None where the base computes differently (4-bit layers override this)."""
+        return self.base_layer.weight, None
 
     def make_factors(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)

@@ -18,6 +18,7 @@ For an exact merged model, load the adapter onto the full-precision base and mer
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -31,13 +32,26 @@ def layout_4bit(base_layer: Linear4bit) -> tuple[bool, int, int]:
 
 
 class Lora4bitLinear(LoraLinear):
-    """LoRA around ``Linear4bit``; the forward is the general (unfused) LoRA path."""
+    """LoRA around ``Linear4bit``.
+
+    Where the fused LoRA node serves plain ``nn.Linear`` (one active adapter, no dropout, not
+    merged), it serves this layer too, with W rebuilt from its codes inside the node
+    (``kernels.lora_linear``), as long as the activations come in the layer's compute dtype and
+    autocast is off; otherwise the general path runs (``Linear4bit.forward`` plus the low-rank term).
+    """
 
     layout = staticmethod(layout_4bit)
 
     def __init__(self, base_layer: Linear4bit) -> None:
         super().__init__(base_layer)
+        self.plain_linear = type(base_layer) is Linear4bit  # a subclass may compute otherwise: no fusion
         self.premerge: dict[str, torch.Tensor] | None = None  # codes before the first merge
+
+    def fused_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Any] | None:
+        base = self.base_layer
+        if dtype != base.compute_dtype or torch.is_autocast_enabled(base.weight.device.type):
+            return None  # Linear4bit casts the input, or autocast decides: keep its own forward
+        return base.weight, base.quant_state()
 
     def merge(self, names: list[str], safe: bool = False) -> float:
         todo = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
