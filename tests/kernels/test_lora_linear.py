@@ -94,3 +94,19 @@ def test_low_rank_expand_is_addmm(bias):
     p, q, b = torch.randn(9, 5, generator=g), torch.randn(5, 13, generator=g), torch.randn(13, generator=g)
     want = torch.addmm(b, p, q) if bias else p @ q
     torch.testing.assert_close(low_rank_expand(p, q, b if bias else None), want)
+
+
+def test_autocast_to_the_activations_dtype_keeps_the_fused_node_and_its_result():
+    x, w, b, a, bb = _inputs(torch.float32)
+    x, w, b = (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in (x, w, b))
+    with torch.autocast("cpu", torch.bfloat16):
+        fused = lora_linear(x, w, b, a, bb, 0.5)
+        want = lora_linear_reference(x, w, b, a, bb, 0.5)
+        other = lora_linear(x.float(), w, b, a, bb, 0.5)  # fp32 activations: autocast decides, plain formula
+    assert type(fused.grad_fn).__name__ == "_LoraLinearBackward"
+    assert type(other.grad_fn).__name__ != "_LoraLinearBackward"
+    assert fused.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), want.float(), rtol=2e-2, atol=2e-2)
+    ga = torch.autograd.grad(fused.float().sum(), a)[0]
+    gw = torch.autograd.grad(want.float().sum(), a)[0]
+    assert ga.dtype == torch.float32 and ((ga - gw).norm() / gw.norm()).item() < 2e-2

@@ -114,4 +114,7 @@ def test_autocast_or_another_input_dtype_keeps_the_module_path():
     assert layer.fused_weight(torch.float32) is not None
     assert layer.fused_weight(torch.bfloat16) is None
     with torch.autocast("cpu", torch.bfloat16):
-        assert layer.fused_weight(torch.float32) is None
+        assert layer.fused_weight(torch.float32) is None  # autocast would compute in bf16
+    bf16 = qlora_llama(torch.bfloat16).base_model.model.model.layers[0].self_attn.o_proj
+    with torch.autocast("cpu", torch.bfloat16):
+        assert bf16.fused_weight(torch.bfloat16) is not None  # autocast to the layer's own dtype: fused

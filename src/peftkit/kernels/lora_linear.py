@@ -57,6 +57,21 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float) -> to
     return y + scaling * lora
 
 
+def autocast_allows(x: torch.Tensor) -> bool:
+    """True when autocast is off, or on and casting to x's own dtype: then a fused node fed x and a
+    frozen weight of that dtype computes what the plain formula would under the same autocast."""
+    device = x.device.type
+    return not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == x.dtype
+
+
+def apply_outside_autocast(function: type, x: torch.Tensor, *args):
+    """``function.apply(x, *args)`` with autocast off around it (its matmuls pick their own dtypes)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return function.apply(x, *args)
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(x, *args)
+
+
 def frozen_weight(weight: torch.Tensor, quant: nf4.QuantState | None, dtype: torch.dtype,
                   absmax: torch.Tensor | None = None) -> torch.Tensor:
     """The frozen base weight (out, in): ``weight`` itself, or rebuilt in ``dtype`` from 4-bit codes."""
@@ -145,10 +160,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, quant: nf4.Quan
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r).
     With `quant` (a QuantState), `weight` is a 4-bit base's packed codes, computed in x's dtype.
-    Under autocast, or if the base weight needs a gradient, the plain formula is used instead.
+    Under autocast to another dtype than x's, or if the base weight needs a gradient, the plain
+    formula is used instead.
     """
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     same_dtype = quant is not None or x.dtype == weight.dtype
-    if not frozen or torch.is_autocast_enabled(x.device.type) or not same_dtype:
+    if not frozen or not autocast_allows(x) or not same_dtype:
         return lora_linear_reference(x, frozen_weight(weight, quant, x.dtype), bias, lora_A, lora_B, scaling)
-    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), quant)
+    return apply_outside_autocast(_LoraLinear, x, weight, bias, lora_A, lora_B, float(scaling), quant)

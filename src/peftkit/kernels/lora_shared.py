@@ -30,7 +30,8 @@ import functools
 
 import torch
 
-from .lora_linear import decoded_absmax, frozen_weight, lora_linear_reference, low_rank_expand, mm_as
+from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight,
+                          lora_linear_reference, low_rank_expand, mm_as)
 
 
 def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
@@ -100,9 +101,9 @@ def lora_linears_shared(x, layers) -> list[torch.Tensor]:
     layers = [_with_quant(layer) for layer in layers]
     frozen = all(not w.requires_grad and (b is None or not b.requires_grad) for w, b, *_ in layers)
     same_dtype = all(q is not None or w.dtype == x.dtype for w, *_, q in layers)
-    if not frozen or torch.is_autocast_enabled(x.device.type) or not same_dtype:
+    if not frozen or not autocast_allows(x) or not same_dtype:
         return lora_linears_shared_reference(x, layers)
     scalings = tuple(float(layer[4]) for layer in layers)
     quants = tuple(layer[5] for layer in layers)
     params = [t for w, b, a, bb, *_ in layers for t in (w, b, a, bb)]
-    return list(_LoraLinearsShared.apply(x, scalings, quants, *params))
+    return list(apply_outside_autocast(_LoraLinearsShared, x, scalings, quants, *params))

@@ -58,6 +58,12 @@ class TrainingArguments:
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
     tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
+    fused_kernels: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "peftkit's fused kernels (patch_model: fused LoRA nodes, RMSNorm, SwiGLU, "
+                                          "RoPE, linear+cross-entropy) for Llama/Mistral/Qwen models. auto: on one "
+                                          "CUDA device with precision bf16/fp16, where the frozen base also runs in "
+                                          "that dtype; on: always (an fp32 base stays fp32); off: never"}
+    )
     optim: Literal["adamw_torch", "paged_adamw_32bit"] = field(
         default="adamw_torch", metadata={"help": "adamw_torch, or paged_adamw_32bit (AdamW state kept in host memory)"}
     )

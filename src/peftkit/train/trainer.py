@@ -129,6 +129,7 @@ class Trainer:
         self.output_dir = Path(args.output_dir) if args.output_dir else None
         self.log = MetricsLog(self.output_dir if self.is_main else None, args.tensorboard and self.is_main)
         self.model.to(self.device)
+        self.patched = self._fuse_kernels()
         self._checkpointing = False
         self.engine = self._wrap() if self.dist.active else self.model  # what the training step calls
 
@@ -140,6 +141,29 @@ class Trainer:
         return distributed.wrap(self.model, self.dist, self.device, a.precision, a.ddp_find_unused_parameters)
 
     # ----------------------------------------------------------------------------------------- setup
+    def _fuse_kernels(self):
+        """patch_model where ``fused_kernels`` asks for it; the PatchReport, or None.
+
+        Under "auto" (one CUDA device, bf16/fp16 precision) the frozen base's floating-point
+        parameters are first cast to that dtype: the fused LoRA node needs activations and frozen
+        weight in one dtype, autocast would compute every matmul in it anyway, and the frozen
+        weights take half the memory. Trainable tensors (adapters, trained biases) stay as they are.
+        """
+        a = self.args
+        auto = self.device.type == "cuda" and not self.dist.active and a.precision != "fp32"
+        if a.fused_kernels == "off" or (a.fused_kernels == "auto" and not auto):
+            return None
+        from peftkit.kernels import patch_model
+
+        dtype = DTYPES[a.precision]
+        if dtype != torch.float32:
+            for param in self.model.parameters():
+                if not param.requires_grad and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+        report = patch_model(self.model)
+        logger.info("fused kernels: %s", report)
+        return report
+
     def _autocast(self):
         dtype = DTYPES[self.args.precision]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -37,7 +37,8 @@ class Lora4bitLinear(LoraLinear):
     Where the fused LoRA node serves plain ``nn.Linear`` (one active adapter, no dropout, not
     merged), it serves this layer too, with W rebuilt from its codes inside the node
     (``kernels.lora_linear``), as long as the activations come in the layer's compute dtype and
-    autocast is off; otherwise the general path runs (``Linear4bit.forward`` plus the low-rank term).
+    autocast is off or casts to that dtype; otherwise the general path runs (``Linear4bit.forward``
+    plus the low-rank term).
     """
 
     layout = staticmethod(layout_4bit)
@@ -48,9 +49,10 @@ class Lora4bitLinear(LoraLinear):
         self.premerge: dict[str, torch.Tensor] | None = None  # codes before the first merge
 
     def fused_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Any] | None:
-        base = self.base_layer
-        if dtype != base.compute_dtype or torch.is_autocast_enabled(base.weight.device.type):
-            return None  # Linear4bit casts the input, or autocast decides: keep its own forward
+        base, device = self.base_layer, self.base_layer.weight.device.type
+        autocast_to = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        if dtype != base.compute_dtype or autocast_to != dtype:
+            return None  # Linear4bit casts the input, or autocast picks another dtype: its own forward
         return base.weight, base.quant_state()
 
     def merge(self, names: list[str], safe: bool = False) -> float:
