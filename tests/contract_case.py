@@ -17,6 +17,7 @@ class MethodCase:
     stacks: bool = True  # False: set_adapter refuses several of its adapters active at once
     gradient_checkpointing: bool = True  # False: training under gradient checkpointing raises (prefix tuning)
     saves_folded: bool = False  # True: the file holds the trained encoder's output, not its tensors (P-tuning)
+    trains_one_adapter: bool = False  # True: a second adapter is refused unless in inference mode (AdaLoRA)
     extra: dict = field(default_factory=dict)
 
     def config(self, targets: list[str], task: str, identity: bool = False, **overrides: Any) -> Any:

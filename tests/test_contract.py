@@ -38,6 +38,10 @@ def fresh_base(family, seed=0):
 def add_second(model, family, case, name="other", **overrides):
     _, targets, task = FAMILIES[family]
     torch.manual_seed(123)
+    if case.trains_one_adapter:  # a second trainable one is refused; it may be added to use
+        with pytest.raises(ValueError, match="inference_mode=True"):
+            model.add_adapter(name, case.config(targets, task, identity=False, **overrides))
+        overrides = {"inference_mode": True, **overrides}
     model.add_adapter(name, case.config(targets, task, identity=False, **overrides))
 
 
@@ -284,7 +288,12 @@ def test_requires_grad_follows_add_switch_and_load(family, case, tmp_path):
     add_second(model, family, case)
     assert trainable_names(model) == first
     model.set_adapter("other")
-    assert trainable_names(model) and all(".other" in n for n in trainable_names(model))
+    if case.trains_one_adapter:  # added in inference mode: active, yet frozen
+        assert trainable_names(model) == set()
+        other = {n.replace(".default", ".other") for n in first}
+    else:
+        other = trainable_names(model)
+        assert other and all(".other" in n for n in other)
     model.save_pretrained(tmp_path, selected_adapters=["other"])
     frozen = PeftModel.from_pretrained(fresh_base(family), tmp_path / "other")
     assert trainable_names(frozen) == set()
@@ -293,7 +302,7 @@ def test_requires_grad_follows_add_switch_and_load(family, case, tmp_path):
             PeftModel.from_pretrained(fresh_base(family), tmp_path / "other", is_trainable=True)
         return
     training = PeftModel.from_pretrained(fresh_base(family), tmp_path / "other", is_trainable=True)
-    assert trainable_names(training) == {n.replace(".other", ".default") for n in trainable_names(model)}
+    assert trainable_names(training) == {n.replace(".other", ".default") for n in other}
 
 
 # 12 -----------------------------------------------------------------------------------------

@@ -96,3 +96,16 @@ def test_state_dict_helpers_and_layer_switches_match_hf_names():
         torch.testing.assert_close(ours(**x).logits, tiny_llama()(**x).logits, atol=0, rtol=0)
         ours.base_model.enable_adapter_layers()
         torch.testing.assert_close(ours(**x).logits, theirs(**x).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_a_second_adapter_from_hf_peft_loads_with_its_usual_head_names(tmp_path):
+    """HF PEFT writes modules_to_save = ["classifier", "score"] for SEQ_CLS; load_adapter keeps the
+    head names that exist, as from_pretrained does, instead of failing on "score"."""
+    model = get_peft_model(tiny_bert_for("SequenceClassification"),
+                           LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    model.peft_config["default"].modules_to_save = ["classifier", "score"]  # as HF PEFT saves it
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert_for("SequenceClassification"), tmp_path)
+    loaded.load_adapter(tmp_path, "second")
+    assert loaded.peft_config["second"].modules_to_save == ["classifier"]
+    assert any("classifier.modules_to_save.second" in n for n, _ in loaded.named_parameters())

@@ -207,7 +207,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      strict: bool = True, **_: Any) -> None:
         """Load another saved adapter under ``adapter_name`` (not activated)."""
-        config = PeftConfig.from_pretrained(model_id)
+        config = self._prepare_config(self.get_base_model(), PeftConfig.from_pretrained(model_id))
         config.inference_mode = not is_trainable
         self.base_model.add_adapter(adapter_name, config)
         try:

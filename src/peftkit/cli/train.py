@@ -16,6 +16,9 @@ finished files last, each written atomically:
 
 Launched by ``torchrun --nproc-per-node N -m peftkit.cli.main train ...`` every rank runs this job
 on its data shard (``peftkit.train.distributed``); only rank 0 prints and writes the run folder.
+``peftkit train --resume RUN`` continues a killed run as configured; it takes ``--batch-size`` and
+``--gradient-accumulation-steps`` to split the global batch otherwise (another number of GPUs, less
+memory), and records the new split in ``RUN/config.yaml``.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ from peftkit.train.checkpoint import atomic_dir, atomic_write_text
 
 from . import common
 from .errors import UserError, did_you_mean
-from .options import add_dataclass_flags, load_yaml
+from .options import add_dataclass_flags, flag_name, load_yaml
 from .parser import Parser
 from .runconfig import METHOD_SKIP, TRAINING_SKIP, DataOptions, RunConfig, RunOptions, resolve
 from .runconfig import TrainingArguments
 
 SUMMARY = "summary.json"
+# Flags --resume takes: another split of the same global batch (another world size, less memory);
+# the checkpoint's data position counts examples, so the run continues where it stopped.
+RESUME_FLAGS = ("batch_size", "gradient_accumulation_steps")
 HELP = "fine-tune a model with a PEFT method (default: LoRA on the bundled MiniLM + review data)"
 
 
@@ -48,7 +54,9 @@ def build_parser(spec) -> argparse.ArgumentParser:
     parser = Parser(prog="peftkit train", description=HELP,
                     epilog="Flags override the --config file; `peftkit methods` lists the methods.")
     parser.add_argument("--config", metavar="FILE", help="YAML run config (e.g. a run folder's config.yaml)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a killed run from its last checkpoint (only --batch-size and "
+                             "--gradient-accumulation-steps may change, splitting the global batch otherwise)")
     taken: set[str] = {"config", "resume"}
     add_dataclass_flags(parser.add_argument_group("run"), RunOptions, set(), taken)
     add_dataclass_flags(parser.add_argument_group("data"), DataOptions, set(), taken)
@@ -83,10 +91,18 @@ def parse(argv: list[str]) -> tuple[RunConfig, Path | None]:
 def _resume_config(run_dir: Path, argv: list[str]) -> dict:
     if not (run_dir / common.RUN_CONFIG).is_file():
         raise UserError(f"{str(run_dir)!r} is not a run folder (no {common.RUN_CONFIG}); pass --resume the folder of a run")
-    extra = [a for a in argv if a.startswith("--") and a not in ("--resume", "--no-progress-bar")]
+    allowed = ("--resume", "--no-progress-bar", *(flag_name(f) for f in RESUME_FLAGS))
+    extra = [a for a in argv if a.startswith("--") and a.split("=")[0] not in allowed]
     if extra:
-        raise UserError(f"--resume continues the run exactly as configured; drop {' '.join(extra)}")
+        raise UserError(f"--resume continues the run as configured; drop {' '.join(extra)} (it may change only "
+                        f"{', '.join(flag_name(f) for f in RESUME_FLAGS)}, keeping the global batch)")
     return load_yaml(str(run_dir / common.RUN_CONFIG))
+
+
+def _resume_changes_layout(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether --resume was given a batch split other than the run folder's config.yaml holds."""
+    saved = load_yaml(str(run_dir / common.RUN_CONFIG)).get("training") or {}
+    return any(saved.get(f) != getattr(cfg.training, f) for f in RESUME_FLAGS)
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -277,6 +293,10 @@ def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
         write_config(cfg, run_dir)
     args = dataclasses.replace(cfg.training, output_dir=str(run_dir))
     trainer = Trainer(job.model, args, job.data.train, job.data.eval, job.data.collate)
+    if resume_dir is not None and _resume_changes_layout(cfg, run_dir):
+        trainer.check_resume(True)  # refuses, changing nothing, a split the checkpoint cannot continue
+        if distributed.is_main_process():  # a later plain --resume goes on with the new split
+            write_config(cfg, run_dir)
     report_layout(trainer)
     before = baseline(job, trainer, run_dir)
     report(show_metrics("held-out before", before["metrics"]))

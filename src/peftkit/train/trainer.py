@@ -16,12 +16,16 @@ after each optimizer step, before the gradients are cleared.
 Resuming restores the trainable tensors, the methods' training state (``training_state()``, e.g.
 AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
-was killed and resumed logs the same per-step losses as one that never stopped.
+was killed and resumed logs the same per-step losses as one that never stopped. The best checkpoint
+(``best/``) holds the same parameters and method state, and ``load_best_at_end`` restores both, so the
+model after training is the one a resume from the best step would give.
 
 Under torchrun (``distributed.py``) each rank trains on its shard of every epoch through DDP or
 FSDP2, the loss weights count the items of all ranks, and only rank 0 logs and writes files; a
 checkpoint holds the full adapter and an optimizer state keyed by parameter name, so it resumes at
-any world size.
+any world size. The data position counts examples of the epoch's global order, so a resume may split
+the global batch (per-device batch x world size x accumulation) differently; an epoch-based run must
+keep the global batch itself, or its epochs would no longer end where its step count does.
 """
 
 from __future__ import annotations
@@ -219,7 +223,6 @@ class Trainer:
 
     def _state_dict(self) -> dict:
         """The resumable state; under torchrun a collective (the optimizer state is gathered)."""
-        method_state = getattr(self.model, "training_state", None)
         if self.dist.active:  # keyed by name and unsharded, so it loads at any world size
             optimizer = {"optimizer_by_name": distributed.optimizer_state(self.model, self.optimizer),
                          "rng_per_rank": distributed.gather_objects(ckpt.rng_state())}
@@ -227,25 +230,39 @@ class Trainer:
             optimizer = {"optimizer": self.optimizer.state_dict()}
         return {"state": dict(self.state), **optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "args": self.args.to_dict(), "method": method_state() if method_state else {},
-                "layout": {"world_size": self.dist.world_size, "batch_size": self.args.batch_size}}
+                "args": self.args.to_dict(), "method": self._method_state(),
+                "layout": {"world_size": self.dist.world_size, "batch_size": self.args.batch_size,
+                           "accumulation": self.args.gradient_accumulation_steps}}
+
+    def _method_state(self) -> dict:
+        """The methods' state beyond the parameters (AdaLoRA's masks and scores), {} for plain models."""
+        hook = getattr(self.model, "training_state", None)
+        return hook() if hook is not None else {}
+
+    def _load_state(self, trainable: dict[str, torch.Tensor], method: dict | None) -> None:
+        """Parameters and method state together, so the model is the one that was saved."""
+        self._load_trainable(trainable)
+        if method:
+            self.model.load_training_state(method)
 
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_checkpoint(path)
-        self._load_trainable(saved["trainable"])
-        if saved.get("method"):
-            self.model.load_training_state(saved["method"])
+        batch = self.resumed_batch(saved)  # first: a layout that cannot continue changes nothing
+        self._load_state(saved["trainable"], saved.get("method"))
         self._load_optimizer(saved)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank") or []
         ckpt.set_rng_state(per_rank[self.dist.rank] if len(per_rank) == self.dist.world_size else saved["rng"])
         self.state = saved["state"]
-        self._convert_position(saved.get("layout"))
+        self.state["batch"] = batch
         self.log.truncate_after(self.state["global_step"])
         best = self._best_dir()
         if best is not None and (best / ckpt.STATE_FILE).is_file():
-            self.best_weights = ckpt.load_checkpoint(best)["trainable"]
+            saved_best = ckpt.load_checkpoint(best)
+            self.best_weights, self.best_method = saved_best["trainable"], saved_best.get("method")
+            if self.best_method is None and self._method_state():
+                logger.warning("%s predates saving method state; load_best_at_end restores its parameters only", best)
         logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
@@ -265,20 +282,47 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(distributed.indexed_optimizer_state(self.model, saved["optimizer_by_name"]))
 
-    def _convert_position(self, layout: dict | None) -> None:
-        """Re-express the next batch of the epoch for a different per-device batch x world size."""
+    def resumed_batch(self, saved: dict) -> int:
+        """The checkpoint's next micro-batch of its epoch, re-expressed for this run's per-device batch
+        x world size; raise if this run's layout cannot continue it. Positions count examples of the
+        epoch's global order, so any split of the same global batch continues exactly."""
+        batch, layout = saved["state"]["batch"], saved.get("layout")
         if layout is None:
-            return
-        old, new = layout["batch_size"] * layout["world_size"], self.args.batch_size * self.dist.world_size
+            return batch
+        a, world = self.args, self.dist.world_size
+        accumulation = layout.get("accumulation", saved.get("args", {}).get("gradient_accumulation_steps", 1))
+        old, new = layout["batch_size"] * layout["world_size"], a.batch_size * world
+        if old * accumulation != new * a.gradient_accumulation_steps and not a.max_steps:
+            raise ValueError(self._global_batch_message(layout, accumulation))
         if old == new:
-            return
-        consumed = self.state["batch"] * old  # examples of this epoch's global order already used
+            return batch
+        consumed = batch * old  # examples of this epoch's global order already used
         if consumed % new:
             raise ValueError(f"cannot resume: the checkpoint is {consumed} examples into its epoch, which is not a "
                              f"whole number of batches of {new} (batch_size x world size); resume with "
                              f"batch_size x world size = {old} as when it was saved")
-        self.state["batch"] = consumed // new
         logger.warning("resuming with %d examples per micro-batch over all ranks instead of %d", new, old)
+        return consumed // new
+
+    def _global_batch_message(self, layout: dict, accumulation: int) -> str:
+        """Why an epoch-based run cannot change its global batch, and the settings that keep it."""
+        a, world = self.args, self.dist.world_size
+        old = layout["batch_size"] * layout["world_size"] * accumulation
+        fixes = [f"batch_size={old // (world * a.gradient_accumulation_steps)} (--batch-size)"
+                 if old % (world * a.gradient_accumulation_steps) == 0 else None,
+                 f"gradient_accumulation_steps={old // (world * a.batch_size)} (--gradient-accumulation-steps)"
+                 if old % (world * a.batch_size) == 0 else None]
+        fix = " or ".join(f for f in fixes if f) or f"batch_size x world size x gradient_accumulation_steps = {old}"
+        return (f"cannot resume: the checkpoint's run takes {old} examples per optimizer step ({layout['batch_size']} "
+                f"per device x {layout['world_size']} processes x {accumulation} accumulation), this one "
+                f"{a.global_batch_size(world)} ({a.batch_size} x {world} x {a.gradient_accumulation_steps}), so its "
+                f"epochs would no longer end where its step count and schedule do; keep the global batch with {fix}")
+
+    def check_resume(self, resume_from: str | Path | bool) -> None:
+        """Raise, changing nothing, if ``train(resume_from=...)`` would refuse this run's batch layout."""
+        path = self._resume_path(resume_from)
+        if path is not None:
+            self.resumed_batch(ckpt.load_checkpoint(path))
 
     def _resume_path(self, resume_from: str | Path | bool | None) -> Path | None:
         if not resume_from:
@@ -314,7 +358,7 @@ class Trainer:
     def train(self, resume_from: str | Path | bool | None = None) -> TrainResult:
         """Run to ``max_steps`` / ``epochs``; ``resume_from`` = True (latest in output_dir) or a path."""
         self._setup()
-        self.state, self.best_weights = self._fresh_state(), None
+        self.state, self.best_weights, self.best_method = self._fresh_state(), None, None
         path = self._resume_path(resume_from)
         if path is not None:
             self._restore(path)
@@ -464,10 +508,10 @@ class Trainer:
     def _save_best(self) -> None:
         best = self._best_dir()
         with distributed.gathered(self.model, self.dist):
-            self.best_weights = ckpt.trainable_state(self.model)
+            self.best_weights, self.best_method = ckpt.trainable_state(self.model), self._method_state()
             if best is not None and self.is_main:
                 state = {"state": {"global_step": self.state["global_step"], "metric": self.args.best_metric,
-                                   "value": self.state["best_value"]}}
+                                   "value": self.state["best_value"]}, "method": self.best_method}
                 ckpt.write_checkpoint(best, self.model, state)
         if self.dist.active:
             distributed.barrier()
@@ -509,7 +553,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ finishing
     def _finish(self) -> TrainResult:
         if self.args.load_best_at_end and self.best_weights is not None:
-            self._load_trainable(self.best_weights)
+            self._load_state(self.best_weights, self.best_method)
         if self.output_dir is not None and self.is_main and self.log.path.exists():
             plot_curves(read_metrics(self.log.path), self.output_dir / PLOT_FILE)
         self.log.close()

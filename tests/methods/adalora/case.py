@@ -14,4 +14,4 @@ def make(targets: list[str], task: str, identity: bool, **overrides: Any) -> Ada
     return AdaLoraConfig(**kwargs)
 
 
-CASE = MethodCase("adalora", make)
+CASE = MethodCase("adalora", make, trains_one_adapter=True)

@@ -249,3 +249,32 @@ def test_hf_lora_fields_in_a_file_are_dropped_quietly_at_their_defaults():
         AdaLoraConfig.from_dict(data_)
     with pytest.warns(UserWarning, match="init_r"):
         AdaLoraConfig.from_dict(data_ | {"r": 4})
+
+
+def test_loading_an_earlier_state_drops_masks_and_scores_it_did_not_have():
+    """Restoring the state of a step before the first allocation (load_best_at_end) leaves no mask."""
+    model, (x, y) = make(tinit=2, deltaT=1), data()
+    early = model.training_state()
+    for step in range(1, 5):
+        model(x=x, labels=y)["loss"].backward()
+        model.after_optimizer_step(step)
+        model.zero_grad()
+    assert all(layer.kept and layer.importance for layer in layers(model).values())
+    model.load_training_state(early)
+    assert not any(layer.kept or layer.importance for layer in layers(model).values())
+    assert model.peft_config["default"].rank_pattern == early["default"]["rank_pattern"]
+
+
+def test_a_second_trainable_adapter_is_refused_and_one_in_inference_mode_is_not():
+    """As HF PEFT: one trainable AdaLoRA adapter per model; a refused add leaves the model as it was."""
+    model = make()
+    second = dict(target_modules=["lin"], init_r=6, target_r=2, total_step=20)
+    with pytest.raises(ValueError, match="already has a trainable AdaLoRA adapter .'default'.*inference_mode=True"):
+        model.add_adapter("other", AdaLoraConfig(**second))
+    assert list(model.peft_config) == ["default"] and not any(".other" in n for n, _ in model.named_parameters())
+    model.add_adapter("other", AdaLoraConfig(**second, inference_mode=True))
+    model.set_adapter(["default", "other"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n and n.endswith(".default")}
+    model.delete_adapter("default")
+    model.add_adapter("third", AdaLoraConfig(**second))  # the only trainable one now

@@ -156,6 +156,26 @@ def test_switching_disabling_and_mixed_batches():
     torch.testing.assert_close(mixed[2], tiny_bert()(**x).logits[2], atol=1e-6, rtol=1e-6)
 
 
+def test_a_member_active_beside_its_fusion_counts_once_and_trains_inside_it():
+    """set_adapter([fusion, member]) unfreezes the member; its output reaches h' only through the
+    fusion. An active adapter outside the fusion adds its output as usual."""
+    peft = fused_net()
+    peft.add_adapter("d", BottleneckConfig(target_modules=["lin"], init_weights=False))
+    lay, x = layer(peft), torch.randn(3, 8)
+    with torch.no_grad():
+        peft.set_adapter("f")
+        fused = peft(x)
+        peft.set_adapter(["f", "a"])
+        assert torch.equal(peft(x), fused)
+        peft.set_adapter(["f", "d"])
+        torch.testing.assert_close(peft(x), fused + member_output(lay, lay.base_layer(x), "d"), atol=1e-6, rtol=1e-6)
+    peft.set_adapter(["f", "a"])
+    peft(x).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in peft.named_parameters() if ".adapter_" in n}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".f." in n or ".a." in n)
+    assert all(g is None for n, g in grads.items() if not (".f." in n or ".a." in n))
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     from safetensors.torch import load_file
 

@@ -139,7 +139,8 @@ def second_adapter(peft):
     peft.add_adapter("other", DoraConfig(r=2, lora_alpha=3, target_modules=["lin", "gpt"], init_lora_weights=False))
 
 
-def test_two_active_adapters_add_their_deltas_and_merge_to_the_same():
+def test_two_active_adapters_apply_in_turn_and_merge_to_the_same():
+    """W' = f_o * (f_d * (W0 + s_d B_d A_d) + s_o B_o A_o): the second rescales the first (HF's order)."""
     ref, peft = make()
     spread_magnitudes(peft)
     second_adapter(peft)
@@ -147,20 +148,26 @@ def test_two_active_adapters_add_their_deltas_and_merge_to_the_same():
     lin = layers(peft)["lin"]
     peft.set_adapter(["default", "other"])
     both = peft(x)
-    w0 = ref.lin.weight
-    w = w0 + (merged_weight(w0, lin) - w0)
-    s_other = 3 / 2
-    v = w0 + s_other * lin.lora_B["other"].weight @ lin.lora_A["other"].weight
-    w = w + (lin.lora_magnitude_vector["other"][:, None] * v / v.norm(dim=1, keepdim=True) - w0)
+    w0, low = ref.lin.weight, 3 / 2 * lin.lora_B["other"].weight @ lin.lora_A["other"].weight  # s_o B_o A_o
+    f_other = lin.lora_magnitude_vector["other"][:, None] / (w0 + low).norm(dim=1, keepdim=True)
+    w = f_other * (merged_weight(w0, lin) + low)
     torch.testing.assert_close(lin(x), F.linear(x, w, ref.lin.bias), atol=1e-5, rtol=1e-5)
-    # Merging one of them, then the other, then both back out: same outputs all the way.
-    peft.merge_adapter(["other"])
-    torch.testing.assert_close(peft(x), both, atol=1e-5, rtol=1e-5)
-    peft.merge_adapter(["default"])
+    # Merging them one at a time in their active order, then both back out: same outputs all the way.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.merge_adapter(["default"])
+        torch.testing.assert_close(peft(x), both, atol=1e-5, rtol=1e-5)
+        peft.merge_adapter(["other"])
     torch.testing.assert_close(peft(x), both, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin.base_layer.weight, w.detach(), atol=1e-5, rtol=1e-5)
     peft.unmerge_adapter()
-    torch.testing.assert_close(lin.base_layer.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lin.base_layer.weight, w0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(peft(x), both, atol=1e-5, rtol=1e-5)
+    # The other order is another model; merging out of the active order says it changes the output.
+    peft.set_adapter(["other", "default"])
+    assert not torch.allclose(peft(x), both, atol=1e-4)
+    with pytest.warns(UserWarning, match="reorders them and changes the output"):
+        peft.merge_adapter(["default"])
 
 
 def test_dropout_follows_hf_form():
@@ -274,6 +281,47 @@ def test_merge_and_unload_agrees_with_hf(family, tmp_path):
     model.save_pretrained(tmp_path)
     merged = {lib: load(lib, family, tmp_path).merge_and_unload() for lib in LIBS}
     want, got = merged["hf"].state_dict(), merged["pk"].state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def two_dora_adapters(family, tmp_path):
+    """HF PEFT model with random DoRA adapters "default" and "other" (magnitudes moved off the norm),
+    and peftkit's model with the same two loaded from its files."""
+    builder, targets, _ = FAMILIES[family]  # no task type: HF activates one classifier copy at a time
+    configs = {name: hf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=True,
+                                   init_lora_weights=False) for name, r in (("default", 4), ("other", 2))}
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hf.get_peft_model(builder(), configs["default"])
+        model.add_adapter("other", configs["other"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand_like(p))
+    model.save_pretrained(tmp_path)
+    ours = load("pk", family, tmp_path)
+    ours.load_adapter(tmp_path / "other", "other")
+    return model.eval(), ours
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_active_adapters_match_hf_in_either_order_and_merged(family, tmp_path):
+    theirs, ours = two_dora_adapters(family, tmp_path)
+    inputs, outputs = model_inputs(), []
+    for order in (["default", "other"], ["other", "default"]):
+        theirs.base_model.set_adapter(order)
+        ours.set_adapter(order)
+        outputs.append(logits(theirs, inputs))
+        torch.testing.assert_close(logits(ours, inputs), outputs[-1], atol=1e-5, rtol=1e-5)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4, "the order must matter for this test to mean anything"
+    ours.merge_adapter()  # ["other", "default"], in that order
+    torch.testing.assert_close(logits(ours, inputs), outputs[1], atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, got = theirs.merge_and_unload().state_dict(), ours.merge_and_unload().state_dict()
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)

@@ -9,7 +9,21 @@ from peftkit.registry import LayerRule, MethodSpec, register_method
 def prepare_config(config: AdaLoraConfig, model) -> None:
     """Default targets per architecture; the budget schedule needs the run's length by now."""
     config.check_schedule()
+    check_one_trainable(config, model)
     fill_default_targets(config, model)
+
+
+def check_one_trainable(config: AdaLoraConfig, model) -> None:
+    """One trainable AdaLoRA adapter per model, as in HF PEFT; more may be added in inference mode,
+    to use rather than train."""
+    if config.inference_mode:
+        return
+    training = sorted({n for m in model.modules() if isinstance(m, AdaLoraLinear)
+                       for n, c in m.configs.items() if not c.inference_mode})
+    if training:
+        raise ValueError(f"the model already has a trainable AdaLoRA adapter ({training[0]!r}), and AdaLoRA trains "
+                         "one adapter at a time (as HF PEFT); add this one with inference_mode=True (or load it "
+                         f"with is_trainable=False) to use it without training, or delete {training[0]!r} first")
 
 
 SPEC = register_method(MethodSpec(

@@ -97,7 +97,7 @@ def apply_mask(layers: dict[str, AdaLoraLinear], name: str, keep: dict[str, torc
         for key, layer in layers.items():
             layer.lora_E[name].masked_fill_(~keep[key].view(-1, 1).to(layer.lora_E[name].device), 0.0)
             layer.kept[name] = keep[key].cpu()
-    return {f"{key}.lora_E": keep[key].tolist() for key in layers}
+    return {f"{key}.lora_E": layer.pattern_entry(name, keep[key]) for key, layer in layers.items()}
 
 
 def mask_to_budget(layers: dict[str, AdaLoraLinear], name: str, budget: int) -> dict[str, list[bool]]:
@@ -160,6 +160,9 @@ def set_state(adapter_model: nn.Module, name: str, state: dict) -> None:
         raise ValueError(f"AdaLoRA state for adapter {name!r} names layers this model lacks: {unknown[:3]}; "
                          "resume with the same model and target_modules")
     adapter_model.peft_config[name].rank_pattern = copy.deepcopy(state["rank_pattern"])
+    for layer in layers.values():  # what the state does not name was not there when it was taken
+        layer.kept.pop(name, None)
+        layer.importance.pop(name, None)
     for key, kept in state["kept"].items():
         layers[key].kept[name] = kept.clone()
     for key, scores in state["importance"].items():

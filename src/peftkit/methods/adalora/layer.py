@@ -9,7 +9,9 @@ triplet i. Initialisation (HF PEFT's): E = 0 and A, B ~ N(0, 0.02^2), so a fresh
 nothing; with ``init_lora_weights=False`` all three are N(0, 1). The rank allocator
 (allocator.py) prunes a triplet by setting its E entry to 0; the scale keeps ``init_r`` (HF's
 ``ranknum``), so pruning never rescales the kept triplets. A saved adapter holds only the kept
-triplets (``rank_pattern`` in the config says which), and reloads with those ranks.
+triplets (``rank_pattern`` in the config says which, one entry per initial triplet, also when a
+reloaded pruned adapter is pruned again, as HF PEFT's loader needs), and reloads with those ranks.
+One trainable AdaLoRA adapter per model (as HF PEFT); others may be added in inference mode.
 
 Merging adds s * B diag(E) A to W0, transposed where the base stores its weight as (in, out)
 (GPT-2's Conv1D, ``fan_in_fan_out``). File keys are HF PEFT's: ``lora_A``, ``lora_E``, ``lora_B``
@@ -48,12 +50,21 @@ class AdaLoraLinear(AdapterLayer):
         # and per factor the EMAs of sensitivity and uncertainty (see allocator.py).
         self.kept: dict[str, torch.Tensor] = {}
         self.importance: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Row i of A, E, B is triplet slots[i] of the initial ones (a pruned adapter trained on keeps
+        # fewer rows); initial is how many there were. They turn masks into rank_pattern entries.
+        self.slots: dict[str, list[int]] = {}
+        self.initial: dict[str, int] = {}
+        self.configs: dict[str, AdaLoraConfig] = {}
         self.last_merge_error = 0.0
 
     # -- the contract ----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdaLoraConfig, key: str) -> None:
         sync_fan_in_fan_out(config, self, key)
         r = self.r[name] = config.rank_for(key)
+        pattern = (config.rank_pattern or {}).get(f"{key}.lora_E")
+        self.initial[name] = config.init_r if pattern is None else len(pattern)
+        self.slots[name] = list(range(r)) if pattern is None else [i for i, kept in enumerate(pattern) if kept]
+        self.configs[name] = config
         self.scaling[name] = config.scaling
         p = config.lora_dropout
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
@@ -70,7 +81,7 @@ class AdaLoraLinear(AdapterLayer):
         for factor in FACTORS:
             del getattr(self, factor)[name]
         del self.lora_dropout[name]
-        for table in (self.r, self.scaling, self.kept, self.importance):
+        for table in (self.r, self.scaling, self.kept, self.importance, self.slots, self.initial, self.configs):
             table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -89,6 +100,14 @@ class AdaLoraLinear(AdapterLayer):
         keep = keep.to(tensors["lora_A"].device)
         return {"lora_A": tensors["lora_A"][keep], "lora_E": tensors["lora_E"][keep],
                 "lora_B": tensors["lora_B"][:, keep]}
+
+    def pattern_entry(self, name: str, keep: torch.Tensor) -> list[bool]:
+        """``keep`` over this layer's rows (r,) as a rank_pattern entry over the initial triplets,
+        so that a pattern always has one entry per initial triplet (HF PEFT indexes init_r rows with it)."""
+        entry = [False] * self.initial[name]
+        for slot, kept in zip(self.slots[name], keep.tolist()):
+            entry[slot] = bool(kept)
+        return entry
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

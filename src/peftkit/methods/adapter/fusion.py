@@ -10,7 +10,9 @@ returns), per token:
     h'  = h + sum_i w_i v_i
 
 W_Q, W_K, W_V are d x d (nn.Linear, so ``W h`` is ``h @ W.T``); they are the only tensors that train.
-The member adapters (and the base layer) stay frozen unless separately activated.
+The member adapters (and the base layer) stay frozen unless activated beside the fusion
+(``set_adapter([fusion, member])``); then the member trains through the fusion, and its output is
+still used only there, never added to h' a second time.
 
 Choices where the paper leaves room:
 - Keys and values are the adapter deltas a_i, not h + a_i, and the residual h is added once, after

@@ -21,7 +21,10 @@ engine refuses to merge it. File keys: ``<module>.adapter_down.weight`` / ``.bia
 
 The layer also holds AdapterFusions over its adapters (``adapter_fusion``, one ``FusionAttention``
 per fusion name; the math is in methods/adapter/fusion.py): an active fusion adds the attention-
-weighted sum of its members' outputs, and a member cannot be deleted while a fusion uses it.
+weighted sum of its members' outputs, and a member cannot be deleted while a fusion uses it. A member
+active beside its fusion is not added again on its own: its output reaches h' only through the
+fusion, and being active makes it train there (AdapterFusion with unfrozen adapters); an active
+adapter outside the fusion adds its output as usual.
 """
 from __future__ import annotations
 
@@ -133,6 +136,13 @@ class BottleneckLayer(AdapterLayer):
             out = None if self.skipped(name) else self.adapter_output(h, name)
         return None if out is None else out.to(h.dtype)
 
+    def plain_active(self) -> list[str]:
+        """The active adapters and fusions whose outputs add up here: a member of an active fusion
+        counts only through the fusion (active beside it, it trains inside it)."""
+        active = self.unmerged_active()
+        fused = {m for f in active if f in self.adapter_fusion for m in self.adapter_fusion[f].members}
+        return [n for n in active if n not in fused]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -140,7 +150,7 @@ class BottleneckLayer(AdapterLayer):
         if self.batch_adapter_names is not None:
             return self.mixed_forward(h)
         result = h
-        for name in self.unmerged_active():
+        for name in self.plain_active():
             delta = self.contribution(h, name)
             if delta is not None:
                 result = result + delta

@@ -13,19 +13,26 @@ and the adapter starts as plain LoRA, as in HF).
 Forward, never forming W' (out x in) for the activations, with f = m / n (out,):
     h = f * (W0 x + s B A x) + b                     one active adapter: LoRA's fused node, then a
                                                      row scale; one (N, out) tensor kept for backward
-    h = W0 x + b + sum_a (f_a - 1) * W0 x + f_a * s B_a A_a x      otherwise (HF's form, per adapter)
-While training with dropout, the adapter term sees dropout(x) in both W0 x and B A x (as HF).
+    h_a = h_{a-1} + (f_a - 1) * (h_{a-1} - b) + f_a * s B_a A_a x      otherwise, h_0 = W x + b
+
+Several adapters apply in turn, as HF PEFT does: each rescales the rows of everything before it,
+
+    W'_a = f_a * (W'_{a-1} + s_a B_a A_a),   W'_0 = W0,   f_a = m_a / ||W0 + s_a B_a A_a||
+
+(each norm taken against W0), in the order the adapters were merged into the stored weight W, then
+the unmerged active ones in their active order. So the order matters, and merging the active
+adapters in their active order (``merge_adapter()`` does) changes no output.
+While training with dropout, an adapter's term is (f_a - 1) * W0 d(x) + f_a * s B_a A_a d(x) with
+d = dropout, not the running h (HF's form).
 n without forming W0 + s B A either; with w_i, b_i the i-th rows of W0 and B:
     n_i^2 = ||w_i||^2 + 2 s b_i . (A w_i) + s^2 b_i (A A^T) b_i^T      from W0 A^T (out x r), A A^T (r x r)
 
-Merging adds delta_a = (f_a - 1) * W0 + f_a * s B_a A_a to the stored weight and keeps n_a, so
-unmerging recovers W0 = (W - sum_b f_b s B_b A_b) / (1 + sum_b (f_b - 1)) row by row.
-
-Several active adapters add their deltas, each taken against W0 (order-free, like merging them).
-HF PEFT chains them instead (the second rescales the first): only one active adapter matches HF.
+Merging adapter a adds (f_a - 1) * W + f_a * s B_a A_a to the stored weight W (one rounding) and
+keeps n_a; unmerging peels the merged adapters off, last first: W <- W / f_a - s B_a A_a.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -95,13 +102,11 @@ class DoraLinear(LoraLinear):
         if not self.merged_adapters:
             return w
         with torch.no_grad():
-            scale = torch.ones(self.out_features, device=w.device)              # (out,)
-            low = torch.zeros(w.shape, device=w.device)                          # (out, in)
-            for name in self.merged_adapters:
-                f = self.lora_magnitude_vector[name].float() / self.merged_norms[name]
-                scale += f - 1
-                low += f[:, None] * self.scaled_product(name)
-            return (w.float() - low) / scale[:, None]
+            w = w.float()
+            for name in reversed(self.merged_adapters):  # W'_a = f_a (W'_{a-1} + s B A), undone
+                f = self.lora_magnitude_vector[name].float() / self.merged_norms[name]  # (out,)
+                w = w / f[:, None] - self.scaled_product(name)
+            return w
 
     def scaled_product(self, name: str) -> torch.Tensor:
         """s B A (out, in) in float32."""
@@ -127,9 +132,8 @@ class DoraLinear(LoraLinear):
         if len(names) == 1 and not self.merged_adapters and not self.dropping(names[0]):
             return self.rescaled_forward(x, names[0])
         result = self.base_layer(x, *args, **kwargs)
-        base0 = None if self.merged_adapters else self.without_bias(result)
-        for name in names:
-            result = result + self.dora_delta(x, name, base0).to(result.dtype)
+        for name in names:  # in turn: each rescales what came before it
+            result = result + self.dora_delta(x, name, self.without_bias(result)).to(result.dtype)
         return result
 
     def rescaled_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -142,7 +146,8 @@ class DoraLinear(LoraLinear):
         return h if bias is None else h + bias.to(h.dtype)
 
     def dora_delta(self, x: torch.Tensor, name: str, base0: torch.Tensor | None = None) -> torch.Tensor:
-        """(f - 1) * W0 x + f * s B A x for one adapter; ``base0`` is W0 x when the caller has it."""
+        """(f - 1) * base0 + f * s B A x for one adapter; ``base0`` is what the adapter rescales (W0 x
+        alone, or the output of the adapters before it less the bias), W0 d(x) when dropping."""
         w0 = self.unmerged_weight()
         f = self.dora_scale(name, w0).to(x.dtype)                               # (out,)
         h = self.lora_dropout[name](x)
@@ -170,27 +175,41 @@ class DoraLinear(LoraLinear):
         return result
 
     # -- merging -------------------------------------------------------------------------------
-    def delta_weight(self, name: str, w0: torch.Tensor | None = None) -> torch.Tensor:
-        """W'_a - W0 = (f - 1) * W0 + f * s B A, in float32 and the base weight's layout."""
+    def delta_weight(self, name: str, w0: torch.Tensor | None = None,
+                     before: torch.Tensor | None = None) -> torch.Tensor:
+        """W'_a - W'_{a-1} = (f - 1) * W'_{a-1} + f * s B A, float32, the base weight's layout;
+        ``before`` is W'_{a-1} (out, in), W0 when not given (the adapter alone)."""
         with torch.no_grad():
             w0 = (self.unmerged_weight() if w0 is None else w0).float()         # (out, in)
+            before = w0 if before is None else before.float()
             f = self.dora_scale(name, w0).float()[:, None]                       # (out, 1)
-            delta = (f - 1) * w0 + f * self.scaled_product(name)                 # (out, in)
+            delta = (f - 1) * before + f * self.scaled_product(name)             # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def merge(self, names: list[str], safe: bool = False) -> float:
-        """Fold the named adapters into the stored weight, each against W0; return the rounding error."""
+        """Fold the named adapters into the stored weight in turn, in the order given (each norm
+        against W0); return the largest rounding error."""
         todo = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
-        w0 = self.unmerged_weight()
-        deltas = {n: self.delta_weight(n, w0) for n in todo}  # all taken before the weight changes
-        norms = {n: self.norm(n, w0) for n in todo}
+        self.warn_reorder(todo)
+        w0 = self.unmerged_weight().detach().clone()  # (out, in); a copy, as the stored weight changes below
         error = 0.0
         for name in todo:
-            error = max(error, merge_into(self.base_weight(), deltas[name], safe, name))
-            self.merged_norms[name] = norms[name]
+            stored = self.base_weight()
+            before = stored.T if self.fan_in_fan_out else stored                 # W'_{a-1} (out, in)
+            error = max(error, merge_into(stored, self.delta_weight(name, w0, before), safe, name))
+            self.merged_norms[name] = self.norm(name, w0)
             self.merged_adapters.append(name)
         self.last_merge_error = error
         return error
+
+    def warn_reorder(self, todo: list[str]) -> None:
+        """Active adapters apply merged ones first: merging them out of their active order changes h."""
+        waiting = self.unmerged_active()
+        moved = [n for n in todo if n in waiting]
+        if moved != waiting[:len(moved)]:
+            warnings.warn(f"DoRA adapters apply in turn (as in HF PEFT), merged ones first: merging {moved} "
+                          f"ahead of the active adapters {waiting} reorders them and changes the output; "
+                          "merge active adapters in their active order (merge_adapter() with no names does)")
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
