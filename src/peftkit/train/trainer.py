@@ -16,7 +16,8 @@ after each optimizer step, before the gradients are cleared.
 Resuming restores the trainable tensors, the methods' training state (``training_state()``, e.g.
 AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
-was killed and resumed logs the same per-step losses as one that never stopped.
+was killed and resumed logs the same per-step losses as one that never stopped. A damaged newest
+checkpoint is skipped (with a warning naming it) for the newest one that reads whole.
 
 Under torchrun (``distributed.py``) each rank trains on its shard of every epoch through DDP or
 FSDP2, the loss weights count the items of all ranks, and only rank 0 logs and writes files; a
@@ -206,8 +207,7 @@ class Trainer:
                 "args": self.args.to_dict(), "method": method_state() if method_state else {},
                 "layout": {"world_size": self.dist.world_size, "batch_size": self.args.batch_size}}
 
-    def _restore(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path)
+    def _restore(self, path: Path, saved: dict) -> None:
         self._load_trainable(saved["trainable"])
         if saved.get("method"):
             self.model.load_training_state(saved["method"])
@@ -221,7 +221,10 @@ class Trainer:
         self.log.truncate_after(self.state["global_step"])
         best = self._best_dir()
         if best is not None and (best / ckpt.STATE_FILE).is_file():
-            self.best_weights = ckpt.load_checkpoint(best)["trainable"]
+            try:
+                self.best_weights = ckpt.load_checkpoint(best)["trainable"]
+            except ckpt.CheckpointDamaged as err:
+                logger.warning("the best weights cannot be restored (%s); load_best_at_end will keep the last", err)
         logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
@@ -256,16 +259,42 @@ class Trainer:
         self.state["batch"] = consumed // new
         logger.warning("resuming with %d examples per micro-batch over all ranks instead of %d", new, old)
 
-    def _resume_path(self, resume_from: str | Path | bool | None) -> Path | None:
+    def _resume_candidates(self, resume_from: str | Path | bool | None) -> list[Path]:
+        """Checkpoints to resume from, newest first; empty: start at step 0 (said in a warning when
+        resume_from=True finds none, an error when a path was given)."""
         if not resume_from:
-            return None
+            return []
         if resume_from is True:
             if self.output_dir is None:
                 raise ValueError("resume_from=True needs TrainingArguments.output_dir")
-            return ckpt.latest_checkpoint(self.output_dir / "checkpoints")
+            found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
+            if not found:
+                logger.warning("no complete checkpoint in %s: training starts from step 0", self.output_dir / "checkpoints")
+            return found[::-1]
         path = Path(resume_from)
-        found = ckpt.latest_checkpoint(path) or ckpt.latest_checkpoint(path / "checkpoints")
-        return path if (path / ckpt.STATE_FILE).is_file() else found
+        if (path / ckpt.STATE_FILE).is_file():
+            return [path]
+        found = ckpt.list_checkpoints(path) or ckpt.list_checkpoints(path / "checkpoints")
+        if not found:
+            raise ValueError(f"resume_from={str(path)!r} holds no complete checkpoint (a folder with {ckpt.STATE_FILE}, "
+                             "or step-* folders holding one); pass a checkpoint folder or the output_dir of a run "
+                             "that saved one")
+        return found[::-1]
+
+    @staticmethod
+    def _readable_checkpoint(candidates: list[Path]) -> tuple[Path, dict]:
+        """The newest candidate that reads whole; each damaged one skipped is named in a warning."""
+        errors = []
+        for path in candidates:
+            try:
+                saved = ckpt.load_checkpoint(path)
+                ckpt.check_resumable(saved, path)
+                return path, saved
+            except ckpt.CheckpointDamaged as err:
+                errors.append(str(err))
+                logger.warning("skipping damaged checkpoint %s: %s", path, err)
+        raise ValueError("cannot resume, no checkpoint is readable: " + "; ".join(errors) +
+                         "; delete the damaged checkpoint folders to start again from step 0")
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (full adapter, named optimizer state); the others wait."""
@@ -291,9 +320,9 @@ class Trainer:
         """Run to ``max_steps`` / ``epochs``; ``resume_from`` = True (latest in output_dir) or a path."""
         self._setup()
         self.state, self.best_weights = self._fresh_state(), None
-        path = self._resume_path(resume_from)
-        if path is not None:
-            self._restore(path)
+        candidates = self._resume_candidates(resume_from)
+        if candidates:
+            self._restore(*self._readable_checkpoint(candidates))
         else:
             seed_everything(self.args.seed)
             if self.output_dir is not None:
