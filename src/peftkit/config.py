@@ -11,10 +11,12 @@ import dataclasses
 import enum
 import json
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -34,6 +36,50 @@ def check_field(ok: bool, name: str, value: Any, allowed: str) -> None:
     """Raise a ValueError naming the field, the value and what is allowed."""
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def value_fits(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (as read from JSON or YAML) has the type a field annotates.
+
+    ``float`` accepts ints, ``int`` and ``float`` refuse bools, lists accept tuples and sets; an
+    annotation this function does not know accepts anything (the field's own check decides).
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(value_fits(a, value) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if hint in (int, float):
+        return isinstance(value, (int, hint)) and not isinstance(value, bool)
+    if hint in (list, tuple, set) or origin in (list, tuple, set):
+        return isinstance(value, (list, tuple, set)) and (not args or all(value_fits(args[0], v) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict) and (len(args) < 2 or all(value_fits(args[1], v) for v in value.values()))
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """``int | None`` -> "int or None"; ``Literal["a", "b"]`` -> "'a' or 'b'"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) and not args else str(hint)
+
+
+def check_types(cls: type, values: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first of ``values`` whose type its field of ``cls`` refuses."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints:
+            check_field(value_fits(hints[name], value), name, value, type_name(hints[name]))
 
 
 # Fields that HF PEFT writes for features peftkit does not model. Left at their defaults they mean
@@ -86,6 +132,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)} "
                           "(written by a newer version or another library?)")
+        check_types(cls, kwargs)  # a wrong type is named here, not met later as a TypeError
         return cls(**kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -99,28 +146,43 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
-        """Read ``adapter_config.json`` from a folder; on the base class, dispatch on ``peft_type``."""
+        """Read ``adapter_config.json`` from a folder; on the base class, dispatch on ``peft_type``.
+
+        A value the config refuses raises a ValueError that names the file and the field.
+        """
         data = read_config_file(path)
         data.update(overrides)
-        if cls is PeftConfig:
-            from peftkit.registry import get_method_by_peft_type
-            return get_method_by_peft_type(data.get("peft_type"), data).config_cls.from_dict(data)
-        return cls.from_dict(data)
+        try:
+            if cls is PeftConfig:
+                from peftkit.registry import get_method_by_peft_type
+                return get_method_by_peft_type(data.get("peft_type"), data).config_cls.from_dict(data)
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_file(path)}: {err}; correct that field or save the adapter again") from err
 
     def copy(self) -> "PeftConfig":
         return copy.deepcopy(self)
 
 
+def config_file(path: str | os.PathLike) -> Path:
+    """The config file of an adapter folder (``path`` itself when it names the config file)."""
+    path = Path(path)
+    return path if path.name == CONFIG_NAME and path.is_file() else path / CONFIG_NAME
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read an adapter config as a dict, with errors that say which file and what is wrong."""
     path = Path(path)
-    file = path / CONFIG_NAME if path.is_dir() else path
+    file = config_file(path)
+    if path.is_file() and file != path:
+        raise NotADirectoryError(f"{path} is a file, not an adapter folder; pass the folder written by "
+                                 f"save_pretrained (the one holding {CONFIG_NAME})")
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: pass the folder written by save_pretrained "
                                 "(peftkit never downloads adapters; use a local folder)")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object, found {type(data).__name__}")

@@ -192,33 +192,45 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         autocast_adapter_dtype: bool = True, **kwargs: Any) -> "PeftModel":
-        """Load a saved adapter (ours or HF PEFT's) onto ``model``."""
+        """Load a saved adapter (ours or HF PEFT's) onto ``model``.
+
+        Both files are read before ``model`` is touched; if the adapter then does not fit, ``model``
+        is left as it was (no wrapper, and every parameter's ``requires_grad`` as before).
+        """
         config = config or PeftConfig.from_pretrained(model_id)
+        state = hf_format.read_weights(model_id)
         config.inference_mode = not is_trainable
         wrapper = TASK_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype)
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        peft_model = None
         try:
-            peft_model._load_weights(model_id, adapter_name, kwargs.get("strict", True))
+            peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype)
+            peft_model._load_state(state, adapter_name, kwargs.get("strict", True))
         except Exception:
-            peft_model.base_model.unload()
+            if peft_model is not None:
+                peft_model.base_model.unload()
+            for param, flag in grads:
+                param.requires_grad_(flag)
             raise
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      strict: bool = True, **_: Any) -> None:
-        """Load another saved adapter under ``adapter_name`` (not activated)."""
+        """Load another saved adapter under ``adapter_name`` (not activated); on failure the model
+        keeps its adapters, active adapter and trainable parameters as they were."""
         config = self._prepare_config(self.get_base_model(), PeftConfig.from_pretrained(model_id))
+        state = hf_format.read_weights(model_id)
         config.inference_mode = not is_trainable
         self.base_model.add_adapter(adapter_name, config)
         try:
-            self._load_weights(model_id, adapter_name, strict)
+            self._load_state(state, adapter_name, strict)
         except Exception:
             self.base_model._remove_traces(adapter_name)
+            self.base_model.refresh_trainable()
             raise
         self.base_model.set_adapter(self.base_model.active_adapters)
 
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, strict: bool) -> None:
-        state = hf_format.read_weights(model_id)
+    def _load_state(self, state: dict[str, torch.Tensor], adapter_name: str, strict: bool) -> None:
         for note in hf_format.load_state(self.base_model, adapter_name, state, strict=strict):
             warnings.warn(note)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from peftkit.data import assets
 from peftkit.data.causal_lm import CausalLMCollator, build_causal_lm_dataset, prompt_batch
@@ -21,6 +20,7 @@ from peftkit.data.readers import load_records, select_columns
 from peftkit.data.split import train_eval_split
 
 from .errors import UserError
+from .options import load_yaml
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
@@ -201,11 +201,14 @@ def locate_adapter(path: str | Path) -> Located:
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise UserError(f"{str(path)!r} holds no {ADAPTER_CONFIG}; pass a run folder or a folder written by save_pretrained")
     run_dir = adapter_dir.parent if (adapter_dir.parent / RUN_CONFIG).is_file() else None
-    run_config = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) if run_dir else None
+    run_config = load_yaml(str(run_dir / RUN_CONFIG)) if run_dir else None  # checked: a mapping, valid YAML
     try:
-        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as err:
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({err}); re-save the adapter") from None
+    if not isinstance(adapter_config, dict):
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} must hold a JSON object of config fields, found a "
+                        f"{type(adapter_config).__name__}; re-save the adapter")
     return Located(adapter_dir, run_dir, run_config, adapter_config)
 
 

@@ -19,7 +19,7 @@ class UserError(Exception):
 
 def did_you_mean(word: str, choices) -> str:
     """``"; did you mean 'x'?"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)  # YAML may give ints
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -1,8 +1,9 @@
 """``peftkit inspect ADAPTER_DIR``: what an adapter folder holds, read from its files alone.
 
-It reads ``adapter_config.json`` and the tensor headers of ``adapter_model.safetensors`` (no base
-model needed) and reports the method, targets, ranks, alpha, parameter counts and base model, plus any
-problems: a missing or unreadable config or weights file, an unknown method, weights whose module
+It reads ``adapter_config.json`` and the tensors of ``adapter_model.safetensors`` (or of a legacy
+``adapter_model.bin``, tensors only) with no base model needed, and reports the method, targets, ranks,
+alpha, parameter counts and base model, plus any problems: a missing or unreadable config or weights
+file, an unknown method, a config field that loading would refuse, weights whose module
 does not fit ``target_modules`` or whose rank is not the configured one, unpaired ``lora_A``/``lora_B``,
 listed ``modules_to_save`` without weights, and NaN or infinite values. Exit code 0 when it finds no
 problems, 1 when it does (so scripts can gate on it), 2 when the folder is not there at all.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from .parser import Parser
 
 HELP = "describe an adapter folder: method, targets, ranks, parameter counts, base model, problems"
 WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
 RANKED = {"lora_A": 0, "lora_embedding_A": 0}  # parameter -> axis holding the rank
 
@@ -53,12 +56,44 @@ def read_config(folder: Path, report: Report) -> None:
         report.problems.append("adapter_config.json is missing: the method and targets are unknown; re-save the adapter")
         return
     try:
-        report.config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         report.problems.append(f"adapter_config.json is not valid JSON ({err}); re-save the adapter")
+        return
+    if not isinstance(config, dict):
+        report.problems.append(f"adapter_config.json must hold a JSON object of config fields, found a "
+                               f"{type(config).__name__}; re-save the adapter")
+        return
+    report.config = config
 
 
 def read_weights(folder: Path, report: Report) -> None:
+    """The safetensors file's tensors, or (when that is absent) the legacy ``adapter_model.bin``'s."""
+    if not (folder / WEIGHTS).is_file() and (folder / LEGACY_WEIGHTS).is_file():
+        _read_legacy_weights(folder / LEGACY_WEIGHTS, report)
+    else:
+        _read_safetensors(folder, report)
+
+
+def _read_legacy_weights(path: Path, report: Report) -> None:
+    from peftkit.io.hf_format import read_weights as read_adapter_weights
+
+    try:
+        tensors = read_adapter_weights(path.parent)  # weights_only: a pickle of anything else is refused
+    except ValueError as err:
+        report.problems.append(" ".join(str(err).split()).replace(str(path), LEGACY_WEIGHTS))
+        return
+    for key, tensor in tensors.items():
+        _record(report, key, tensor)
+
+
+def _record(report: Report, key: str, tensor: torch.Tensor) -> None:
+    report.tensors[key] = (list(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        report.nonfinite.append(key)
+
+
+def _read_safetensors(folder: Path, report: Report) -> None:
     from safetensors import SafetensorError, safe_open
 
     path = folder / WEIGHTS
@@ -68,10 +103,7 @@ def read_weights(folder: Path, report: Report) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key)
-                report.tensors[key] = (list(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    report.nonfinite.append(key)
+                _record(report, key, f.get_tensor(key))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         report.problems.append(f"{WEIGHTS} cannot be read ({' '.join(str(err).split())}); the file is corrupt")
 
@@ -116,8 +148,8 @@ def layers(report: Report) -> dict[str, dict[str, list[int]]]:
 
 
 def target_fits(module: str, targets) -> bool:
-    if targets is None or targets == "all-linear":
-        return True
+    if targets is None or targets == "all-linear" or not isinstance(targets, (str, list)):
+        return True  # a target_modules of the wrong type is reported by check_config
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
     return any(module == t or module.endswith("." + t) for t in targets)
@@ -173,9 +205,11 @@ def check_config(report: Report, found: dict) -> None:
     from peftkit.registry import get_method_by_peft_type
 
     try:
-        get_method_by_peft_type(config.get("peft_type"))
+        spec = get_method_by_peft_type(config.get("peft_type"), config)
     except ValueError as err:
         report.problems.append(str(err))
+    else:
+        check_fields(spec, config, report)
     counts = saved_modules(report)
     for name, count in counts.items():
         # HF lists both usual classifier head names for classification tasks; one of them is enough
@@ -187,6 +221,17 @@ def check_config(report: Report, found: dict) -> None:
         report.problems.append(f"base model folder {base!r} does not exist on this machine; pass --model when loading")
     if report.tensors and not found and config.get("peft_type") == "LORA":
         report.problems.append("the weights hold no LoRA tensors (lora_A / lora_B)")
+
+
+def check_fields(spec, config: dict, report: Report) -> None:
+    """Build the method's config from the file, as loading would: a field it refuses is a problem
+    (fields it does not know, from newer versions, only warn when loading and are not reported)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            spec.config_cls.from_dict(config)
+        except (TypeError, ValueError) as err:
+            report.problems.append(f"adapter_config.json: {' '.join(str(err).split())}; loading it would fail")
 
 
 def inspect(folder: Path) -> Report:

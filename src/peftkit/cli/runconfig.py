@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from peftkit.config import check_types
 from peftkit.train import TrainingArguments
 
 from .errors import UserError, did_you_mean
@@ -134,6 +135,7 @@ def _picked(flags: dict, fields: list[dataclasses.Field]) -> dict:
 
 def _build(cls: type, values: dict, where: str):
     try:
+        check_types(cls, values)  # YAML values are untyped: name a wrong type before the field's own checks
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise UserError(f"invalid {where} option: {' '.join(str(err).split())}") from None

@@ -167,6 +167,10 @@ def wrap(base, cfg: RunConfig):
 def new_run_dir(cfg: RunConfig) -> Path:
     if cfg.run.output_dir:
         path = Path(cfg.run.output_dir)
+        blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise UserError(f"--output-dir {str(path)!r} cannot be created: {str(blocked)!r} is a file; "
+                            "choose a folder path")
         if path.exists() and any(path.iterdir()):
             raise UserError(f"output folder {str(path)!r} already exists and is not empty; choose a new "
                             f"--output-dir, or continue it with --resume {path}")
@@ -186,8 +190,12 @@ def metric_name(task: str) -> str:
 def baseline(job: Job, trainer: Trainer, run_dir: Path) -> dict:
     """Held-out metrics (and samples) of the untrained adapter, cached for --resume."""
     path = run_dir / "checkpoints" / "baseline.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    try:
+        cached = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:  # damaged: it is only a cache, so measure again
+        cached = None
+    if isinstance(cached, dict) and {"metrics", "samples"} <= set(cached):
+        return cached
     result = {"metrics": trainer.evaluate(), "samples": samples(job, trainer)}
     trainer.log.write({"step": 0, **{f"eval_{k}": v for k, v in result["metrics"].items()}})  # plotted at step 0
     if trainer.is_main:
@@ -283,8 +291,8 @@ def per_rank(trainer: Trainer, result) -> list[dict] | None:
 
 
 def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
+    run_dir = resume_dir or shared_run_dir(cfg)  # checked before the model and data load (not created yet)
     job = prepare(cfg)
-    run_dir = resume_dir or shared_run_dir(cfg)
     report(f"{cfg.run.task} with {cfg.run.method} on {job.model_path}: {len(job.data.train)} training, "
            f"{len(job.data.eval)} held-out examples")
     if distributed.is_main_process():

@@ -10,6 +10,7 @@ Keys come from the layers themselves (``adapter_tensors``), never from searching
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,28 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled ``{key: tensor}``; ``weights_only`` refuses any other object, so no code runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is corrupt or not a tensor file ({err}); save the adapter again") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for garbled, truncated or unsafe pickles
+        raise _unpickle_error(path, err) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold a dict of tensor name -> tensor, found {type(state).__name__}; "
+                         "save the adapter again")
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{path} must hold a dict of tensor name -> tensor, but {', '.join(bad[:3])} "
+                         "are not; save the adapter again")
+    return state
+
+
+def _unpickle_error(path: Path, err: Exception) -> ValueError:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        return ValueError(f"{path} holds pickled Python objects besides tensors ({found.group(1)}), which peftkit "
+                          f"does not unpickle (that could run code); save the adapter again as {WEIGHTS_NAME}")
+    return ValueError(f"{path} is corrupt or not a tensor file ({' '.join(str(err).split())[:200]}); "
+                      f"save the adapter again (as {WEIGHTS_NAME})")
 
 
 def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
@@ -106,13 +125,15 @@ def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], st
     base = dict(adapter_model.named_parameters(prefix="base_model"))
     missing = sorted(set(expected) - set(state))
     extra = sorted(k for k in state if k not in expected and k not in base)
-    problems = _shape_problems(state, {**base, **expected})
-    if extra or problems or (missing and strict):
-        raise ValueError(_mismatch_message(adapter_model, name, missing, extra, problems))
+    problems = _shape_problems(state, {**base, **expected}) + _dtype_problems(state, {**base, **expected})
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if extra or problems or (strict and (missing or nonfinite)):
+        raise ValueError(_mismatch_message(adapter_model, name, missing, extra, problems, nonfinite))
     with torch.no_grad():
         for key, value in state.items():
             (expected.get(key) if key in expected else base[key]).copy_(value)
     notes = [f"tensor {k} is missing from the file and keeps its initial value" for k in missing]
+    notes += [f"tensor {k} holds NaN or infinite values (loaded anyway: strict=False)" for k in nonfinite]
     notes += [f"base tensor {k} was overwritten from the adapter file" for k in state if k not in expected]
     return notes
 
@@ -142,15 +163,27 @@ def _shape_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor
             for k, v in state.items() if k in live and tuple(v.shape) != tuple(live[k].shape)]
 
 
+def _dtype_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[str]:
+    """Values the model cannot hold: integer or boolean tensors for floating-point weights (a cast
+    would load them silently), complex ones anywhere. Another float width (bf16 files) is fine."""
+    return [f"{k}: file has dtype {str(v.dtype).removeprefix('torch.')}, model has "
+            f"{str(live[k].dtype).removeprefix('torch.')}" for k, v in state.items()
+            if k in live and (v.is_floating_point() != live[k].is_floating_point() or v.is_complex())]
+
+
 def _mismatch_message(adapter_model: Any, name: str, missing: list[str], extra: list[str],
-                      problems: list[str]) -> str:
+                      problems: list[str], nonfinite: list[str] = ()) -> str:
     base = getattr(adapter_model.peft_config.get(name), "base_model_name_or_path", None)
     lines = [f"adapter {name!r} does not fit this model (adapter trained on base model {base!r}):"]
-    for label, items in (("shape mismatch", problems), ("missing from the file", missing),
-                         ("in the file but not in the model", extra)):
+    for label, items in (("shape or dtype mismatch", problems), ("missing from the file", missing),
+                         ("in the file but not in the model", extra), ("NaN or infinite values", nonfinite)):
         if items:
             lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
-    lines.append(f"  fix: {_method_fix(adapter_model.peft_config.get(name))}")
+    fix = _method_fix(adapter_model.peft_config.get(name))
+    if nonfinite and not (missing or extra or problems):
+        fix = ("the adapter's training diverged or the file is damaged: load an earlier checkpoint or retrain "
+               "(strict=False loads it anyway, with a warning)")
+    lines.append(f"  fix: {fix}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@ optimizer, scheduler, grad scaler, RNG states, data position and early-stopping 
 PEFT models, ``adapter/`` written by ``save_pretrained``. It is written into a hidden temporary
 folder beside its final name and renamed into place, so a process killed at any moment leaves either
 the whole checkpoint or none of it; leftovers of killed writes start with ``.`` and are ignored.
+``trainer_state.pt`` is read with ``weights_only=True`` (numpy's RNG state allowed), and one that
+cannot be read or lacks part of the state raises ``CheckpointDamaged``, so that resuming can fall
+back to an earlier checkpoint.
 """
 
 from __future__ import annotations
@@ -89,13 +92,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_trainable_keys(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
-    """The model's trainable parameters by name, after checking ``state`` has exactly those names."""
+    """The model's trainable parameters by name, after checking ``state`` has exactly those names
+    and shapes (a different rank keeps the names but not the shapes)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
+    shapes = [f"{n}: checkpoint {tuple(state[n].shape)}, model {tuple(p.shape)}" for n, p in params.items()
+              if n in state and tuple(state[n].shape) != tuple(p.shape)]
+    if missing or unexpected or shapes:
         raise ValueError(
-            f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
-            "resume with the same model, method and options the run started with"
+            f"the checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {shapes[:3]}; resume with the same model, method and options the run started with"
         )
     return params
 
@@ -142,5 +148,40 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Trainer checkpoints hold tensors, numbers, strings and numpy's RNG state; nothing else is unpickled.
+REQUIRED = ("state", "trainable", "scheduler", "scaler", "rng")
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint that cannot be read or lacks part of its state (as opposed to one that is whole
+    but does not fit the model): resuming may fall back to an earlier one."""
+
+
+def _numpy_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """``trainer_state.pt`` of a checkpoint folder, read without running pickled code."""
+    file = Path(path) / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated, garbled or foreign files
+        raise CheckpointDamaged(f"{file} cannot be read ({' '.join(str(err).split())[:200]}); the checkpoint "
+                                "is damaged or was not written by peftkit") from err
+    if not isinstance(saved, dict) or "trainable" not in saved:
+        raise CheckpointDamaged(f"{file} is not a peftkit trainer state (no 'trainable' tensors)")
+    return saved
+
+
+def check_resumable(saved: dict, path: Path) -> None:
+    """Raise CheckpointDamaged unless ``saved`` holds everything a resume restores."""
+    lacking = [k for k in REQUIRED if k not in saved]
+    if "optimizer" not in saved and "optimizer_by_name" not in saved:
+        lacking.append("optimizer")
+    if not lacking and "global_step" not in (saved["state"] if isinstance(saved["state"], dict) else {}):
+        lacking.append("state.global_step")
+    if lacking:
+        raise CheckpointDamaged(f"{Path(path) / STATE_FILE} lacks {', '.join(lacking)}: the checkpoint is incomplete")

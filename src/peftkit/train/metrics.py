@@ -127,13 +127,15 @@ def _tensorboard_writer(folder: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a line cut short by a kill is skipped."""
+    """Records of a metrics.jsonl; a line cut short by a kill (or garbled) is skipped."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 

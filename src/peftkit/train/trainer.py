@@ -16,9 +16,10 @@ after each optimizer step, before the gradients are cleared.
 Resuming restores the trainable tensors, the methods' training state (``training_state()``, e.g.
 AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
-was killed and resumed logs the same per-step losses as one that never stopped. The best checkpoint
-(``best/``) holds the same parameters and method state, and ``load_best_at_end`` restores both, so the
-model after training is the one a resume from the best step would give.
+was killed and resumed logs the same per-step losses as one that never stopped. A damaged newest
+checkpoint is skipped (with a warning naming it) for the newest one that reads whole. The best
+checkpoint (``best/``) holds the same parameters and method state, and ``load_best_at_end`` restores
+both, so the model after training is the one a resume from the best step would give.
 
 Under torchrun (``distributed.py``) each rank trains on its shard of every epoch through DDP or
 FSDP2, the loss weights count the items of all ranks, and only rank 0 logs and writes files; a
@@ -245,8 +246,7 @@ class Trainer:
         if method:
             self.model.load_training_state(method)
 
-    def _restore(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path)
+    def _restore(self, path: Path, saved: dict) -> None:
         batch = self.resumed_batch(saved)  # first: a layout that cannot continue changes nothing
         self._load_state(saved["trainable"], saved.get("method"))
         self._load_optimizer(saved)
@@ -259,10 +259,15 @@ class Trainer:
         self.log.truncate_after(self.state["global_step"])
         best = self._best_dir()
         if best is not None and (best / ckpt.STATE_FILE).is_file():
-            saved_best = ckpt.load_checkpoint(best)
-            self.best_weights, self.best_method = saved_best["trainable"], saved_best.get("method")
-            if self.best_method is None and self._method_state():
-                logger.warning("%s predates saving method state; load_best_at_end restores its parameters only", best)
+            try:
+                saved_best = ckpt.load_checkpoint(best)
+            except ckpt.CheckpointDamaged as err:
+                logger.warning("the best weights cannot be restored (%s); load_best_at_end will keep the last", err)
+            else:
+                self.best_weights, self.best_method = saved_best["trainable"], saved_best.get("method")
+                if self.best_method is None and self._method_state():
+                    logger.warning("%s predates saving method state; load_best_at_end restores its parameters "
+                                   "only", best)
         logger.info("resumed from %s at step %d", path, self.state["global_step"])
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
@@ -320,20 +325,46 @@ class Trainer:
 
     def check_resume(self, resume_from: str | Path | bool) -> None:
         """Raise, changing nothing, if ``train(resume_from=...)`` would refuse this run's batch layout."""
-        path = self._resume_path(resume_from)
-        if path is not None:
-            self.resumed_batch(ckpt.load_checkpoint(path))
+        candidates = self._resume_candidates(resume_from)
+        if candidates:
+            self.resumed_batch(self._readable_checkpoint(candidates)[1])
 
-    def _resume_path(self, resume_from: str | Path | bool | None) -> Path | None:
+    def _resume_candidates(self, resume_from: str | Path | bool | None) -> list[Path]:
+        """Checkpoints to resume from, newest first; empty: start at step 0 (said in a warning when
+        resume_from=True finds none, an error when a path was given)."""
         if not resume_from:
-            return None
+            return []
         if resume_from is True:
             if self.output_dir is None:
                 raise ValueError("resume_from=True needs TrainingArguments.output_dir")
-            return ckpt.latest_checkpoint(self.output_dir / "checkpoints")
+            found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
+            if not found:
+                logger.warning("no complete checkpoint in %s: training starts from step 0", self.output_dir / "checkpoints")
+            return found[::-1]
         path = Path(resume_from)
-        found = ckpt.latest_checkpoint(path) or ckpt.latest_checkpoint(path / "checkpoints")
-        return path if (path / ckpt.STATE_FILE).is_file() else found
+        if (path / ckpt.STATE_FILE).is_file():
+            return [path]
+        found = ckpt.list_checkpoints(path) or ckpt.list_checkpoints(path / "checkpoints")
+        if not found:
+            raise ValueError(f"resume_from={str(path)!r} holds no complete checkpoint (a folder with {ckpt.STATE_FILE}, "
+                             "or step-* folders holding one); pass a checkpoint folder or the output_dir of a run "
+                             "that saved one")
+        return found[::-1]
+
+    @staticmethod
+    def _readable_checkpoint(candidates: list[Path]) -> tuple[Path, dict]:
+        """The newest candidate that reads whole; each damaged one skipped is named in a warning."""
+        errors = []
+        for path in candidates:
+            try:
+                saved = ckpt.load_checkpoint(path)
+                ckpt.check_resumable(saved, path)
+                return path, saved
+            except ckpt.CheckpointDamaged as err:
+                errors.append(str(err))
+                logger.warning("skipping damaged checkpoint %s: %s", path, err)
+        raise ValueError("cannot resume, no checkpoint is readable: " + "; ".join(errors) +
+                         "; delete the damaged checkpoint folders to start again from step 0")
 
     def _save(self) -> None:
         """Rank 0 writes the checkpoint (full adapter, named optimizer state); the others wait."""
@@ -359,9 +390,9 @@ class Trainer:
         """Run to ``max_steps`` / ``epochs``; ``resume_from`` = True (latest in output_dir) or a path."""
         self._setup()
         self.state, self.best_weights, self.best_method = self._fresh_state(), None, None
-        path = self._resume_path(resume_from)
-        if path is not None:
-            self._restore(path)
+        candidates = self._resume_candidates(resume_from)
+        if candidates:
+            self._restore(*self._readable_checkpoint(candidates))
         else:
             seed_everything(self.args.seed)
             if self.output_dir is not None:
