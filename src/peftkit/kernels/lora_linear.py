@@ -37,8 +37,6 @@ decoded once in forward and kept for backward (one float per 64 weights).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from peftkit.quant import nf4
@@ -47,14 +45,8 @@ from . import triton_kernels as tk
 from .backend import cdiv, use_triton
 from .dequant4bit import dequantize_4bit
 
-try:  # Triton's host-side TMA descriptors (Hopper); absent without Triton
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-
 _EXPAND_BLOCK = (128, 128)  # (rows, columns) of Y per program in low_rank_expand
 _EXPAND_WARPS = 4
-_EXPAND_TMA_TILE = (64, 128, 4)  # (rows, columns, warps) of the TMA-store expand on Hopper (bench_expand.py)
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) works here (set False on the first failure)
 
 
@@ -120,27 +112,13 @@ def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None 
     q = q.contiguous()
     (m, r), n = p.shape, q.shape[1]
     y = p.new_empty(m, n)                                    # (M, N)
-    tma = _tma_tile(y)
-    bm, bn, warps = tma or (*_EXPAND_BLOCK, _EXPAND_WARPS)
-    kernel, out = (tk.low_rank_expand_tma, TensorDescriptor.from_tensor(y, [bm, bn])) if tma else (tk.low_rank_expand, y)
-    kernel[(cdiv(m, bm), cdiv(n, bn))](p, q, bias if bias is not None else p, out, m, n, r, p.stride(0),
-                                       HAS_BIAS=bias is not None, PRECISION="ieee" if p.dtype == torch.float32 else "tf32",
-                                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
-                                       num_warps=warps)
+    bm, bn = _EXPAND_BLOCK
+    grid = (cdiv(m, bm), cdiv(n, bn))
+    tk.low_rank_expand[grid](p, q, bias if bias is not None else p, y, m, n, r, p.stride(0), HAS_BIAS=bias is not None,
+                             PRECISION="ieee" if p.dtype == torch.float32 else "tf32",
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=max(16, 1 << (r - 1).bit_length()),
+                             num_warps=_EXPAND_WARPS)
     return y
-
-
-def _tma_tile(y: torch.Tensor) -> tuple[int, int, int] | None:
-    """(rows, columns, warps) of the TMA-store expand where it applies (a Hopper or newer GPU, rows
-    16-byte aligned), else None: the per-thread-store kernel. PEFTKIT_EXPAND=plain opts out."""
-    setting = os.environ.get("PEFTKIT_EXPAND", "")
-    if setting == "plain" or TensorDescriptor is None or not y.is_cuda or (y.shape[1] * y.element_size()) % 16:
-        return None
-    if torch.cuda.get_device_capability(y.device)[0] < 9:
-        return None
-    if setting.count("x") == 2:  # an explicit tile for experiments, e.g. PEFTKIT_EXPAND=128x256x8
-        return tuple(int(v) for v in setting.split("x"))
-    return _EXPAND_TMA_TILE
 
 
 class _LoraLinear(torch.autograd.Function):

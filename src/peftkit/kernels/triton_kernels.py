@@ -173,27 +173,6 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@jit
-def low_rank_expand_tma(P, Q, BIAS, Y_DESC, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    """low_rank_expand with Y written through a TMA descriptor (Hopper): the tile goes from shared
-    memory to global memory as one asynchronous bulk copy, clipped at the edges, instead of
-    masked per-thread stores."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_R)
-    row_ok, col_ok, k_ok = rows < n_rows, cols < n_cols, ks < rank
-    p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0)                 # (BM, BR)
-    q = tl.load(Q + ks[:, None] * n_cols + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0)                 # (BR, BN)
-    acc = tl.dot(p, q, input_precision=PRECISION)                                # (BM, BN) fp32
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    Y_DESC.store([tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N], acc.to(Y_DESC.dtype))
-
-
 # ----------------------------------------------------------------------------- 4-bit dequantization
 @jit
 def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BYTES: tl.constexpr):
