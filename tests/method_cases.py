@@ -37,3 +37,9 @@ from methods.partial.case import CASE as PARTIAL_CASE  # noqa: E402
 from methods.diff_pruning.case import CASE as DIFF_PRUNING_CASE  # noqa: E402
 
 CASES += [BITFIT_CASE, PARTIAL_CASE, DIFF_PRUNING_CASE]
+from methods.mam.case import CASE as MAM_CASE  # noqa: E402
+
+CASES += [MAM_CASE]
+from methods.unipelt.case import CASE as UNIPELT_CASE  # noqa: E402
+
+CASES += [UNIPELT_CASE]

@@ -13,6 +13,7 @@ from peftkit import AdaLoraConfig, BottleneckConfig, DoraConfig, IA3Config, Lora
 from peftkit.data import ClassificationCollator, assets, build_classification_dataset, train_eval_split
 from peftkit.methods.dora.layer import DoraLinear
 from peftkit import BitFitConfig, DiffPruningConfig, PartialConfig
+from peftkit import UniPeltConfig
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,11 @@ ROWS = {
     # saved file, reloaded below, then holds the sparse diff).
     "diff_pruning": (lambda: DiffPruningConfig(task_type="SEQ_CLS", target_modules=["query", "value"], target_density=0.05,
                                                total_step=40, fixed_mask_steps=10), 2e-3, 1280, None),
+    # UniPELT's defaults: gated LoRA (r=8) on query/value, a gated prefix of 10 tokens and a gated
+    # Pfeiffer adapter (m = 384 / 16); the gates learn to weigh the parts (measured 0.48 -> 0.77).
+    "unipelt": (lambda: UniPeltConfig(task_type="SEQ_CLS"), 3e-3, 1280,
+                lambda model: {type(l).__name__ for _, l in model.base_model.adapter_layers()} >= {
+                    "GatedLoraLinear", "PrefixEmbedding", "PrefixGateLayer", "GatedBottleneckLayer"}),
 }
 
 

@@ -37,3 +37,9 @@ __all__ += ["BitFitConfig", "PartialConfig", "DiffPruningConfig"]
 from peftkit.methods.adapter import FusionConfig  # noqa: E402
 
 __all__ += ["FusionConfig"]
+from peftkit.methods.mam import MamConfig  # noqa: E402
+
+__all__ += ["MamConfig"]
+from peftkit.methods.unipelt import UniPeltConfig  # noqa: E402
+
+__all__ += ["UniPeltConfig"]

@@ -207,3 +207,80 @@ class TargetingConfig(PeftConfig):
                 setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
         check_field(self.layers_pattern is None or self.layers_to_transform is not None, "layers_pattern",
                     self.layers_pattern, "to be used together with layers_to_transform")
+
+
+# Fields a composite config sets for all its parts (a part's options may not set them).
+SHARED_PART_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                      "modules_to_save")
+
+
+@dataclass
+class CompositeConfig(PeftConfig):
+    """Base of composite methods' configs (MAM, UniPELT; ``MethodSpec.parts``): one adapter made of
+    several methods' parts. Each part's options are a dict field named after the part, holding that
+    part's config fields (e.g. ``prefix_tuning={"num_virtual_tokens": 30}``), merged over the method's
+    defaults on construction and checked by building the part's config, so a wrong option fails
+    here, naming the part. ``adapter_config.json`` holds the merged dicts; ``task_type``,
+    ``inference_mode`` and ``modules_to_save`` are the composite's and reach every part."""
+
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a classifier head)."})
+
+    @classmethod
+    def part_types(cls) -> dict[str, tuple[type, dict, dict]]:
+        """part field -> (its config class, the method's default options, options the method fixes)."""
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, (part_cls, defaults, fixed) in self.part_types().items():
+            options = getattr(self, name)
+            check_field(options is None or isinstance(options, dict), name, options,
+                        f"a dict of {part_cls.__name__} options, e.g. {defaults}")
+            for key in set(options or {}) & set(fixed):
+                check_field(options[key] == fixed[key], f"{name}[{key!r}]", options[key],
+                            f"{fixed[key]!r}: this method fixes it (leave it out)")
+            setattr(self, name, {**defaults, **(options or {})})
+            self.make_part(name)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """As ``PeftConfig.from_dict``, and a part option from a newer version (unknown to the part's
+        config) is dropped with a warning; building the config directly refuses it."""
+        data = dict(data)
+        for name, (part_cls, _, _) in cls.part_types().items():
+            options = data.get(name)
+            unknown = sorted(set(options) - set(part_options(part_cls))) if isinstance(options, dict) else []
+            if unknown:
+                warnings.warn(f"{cls.__name__}: ignoring unknown {name} options {unknown} "
+                              "(written by a newer version or another library?)")
+                data[name] = {k: v for k, v in options.items() if k not in unknown}
+        return super().from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, each part's options cut to what its own config saves (prefix tuning's
+        ``prefix_init_text`` is used once, when the adapter is made)."""
+        data = super().to_dict()
+        for name in self.part_types():
+            saved = self.make_part(name).to_dict()
+            data[name] = {k: v for k, v in data[name].items() if k in saved}
+        return data
+
+    def make_part(self, name: str) -> PeftConfig:
+        """Part ``name``'s config, built from its options and the composite's shared fields."""
+        part_cls, _, fixed = self.part_types()[name]
+        options = getattr(self, name)
+        known = part_options(part_cls)
+        unknown = sorted(k for k in options if k not in known)
+        if unknown:
+            raise ValueError(f"{name} has unknown option(s) {unknown}: {part_cls.__name__} takes {sorted(known)} "
+                             f"(task_type, inference_mode and modules_to_save are set on the {type(self).__name__})")
+        shared = {k: getattr(self, k) for k in SHARED_PART_FIELDS if k not in ("peft_type", "modules_to_save")}
+        try:
+            return part_cls(**{**options, **fixed}, **shared)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err}") from err
+
+
+def part_options(part_cls: type) -> list[str]:
+    """The options a composite's part of config class ``part_cls`` takes (its fields but the shared ones)."""
+    return [f.name for f in dataclasses.fields(part_cls) if f.init and f.name not in SHARED_PART_FIELDS]

@@ -65,6 +65,14 @@ class MethodSpec:
     # False: peft_type is peftkit's own (HF PEFT cannot load these files); the model card says so.
     hf_format: bool = True
     load_hint: str = ""  # a loading step the model card adds (a fusion's members come first)
+    # Composite methods (MAM, UniPELT): (config, model) -> [(spec, part config)], ordinary methods'
+    # configs that together make ONE adapter. The engine injects every part under the adapter's name
+    # (two parts may not wrap one module) and runs each part's hooks; a part's hooks see the adapter
+    # model through a ``PartView`` (engine/model.py), where ``peft_config[name]`` is the part's config.
+    parts: Callable[[object, nn.Module], list[tuple["MethodSpec", object]]] | None = None
+    # The wrapper types a composite's parts use (its own layer_rules stay empty), so that tools that
+    # read files without a model (``peftkit inspect``) know their tensors.
+    part_layers: tuple[type, ...] = ()
 
     def wrapper_for(self, module: nn.Module, config: object) -> type | None:
         """First matching rule wins, so specific base types are registered before general ones."""

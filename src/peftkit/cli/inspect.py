@@ -121,8 +121,8 @@ def _file_tensor_names(methods: tuple[str, ...]) -> frozenset[str]:
     """Computed once per set of registered methods: split_key asks for every tensor of a file."""
     from peftkit.registry import get_method
 
-    return frozenset(name for method in methods for rule in get_method(method).layer_rules
-                     for name in getattr(rule.wrapper, "file_tensors", ()))
+    wrappers = [w for m in methods for w in [r.wrapper for r in get_method(m).layer_rules] + list(get_method(m).part_layers)]
+    return frozenset(name for wrapper in wrappers for name in getattr(wrapper, "file_tensors", ()))
 
 
 def split_key(key: str) -> tuple[str, str | None]:

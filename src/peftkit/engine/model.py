@@ -3,13 +3,19 @@
 One ``AdapterModel`` holds the base model (``.model``) and any number of named adapters, each
 with its own config and method. It never names a method: the registry says which wrapper a module
 gets, and layers follow the contract in ``engine/layer.py``.
+
+A composite method (MAM, UniPELT: ``MethodSpec.parts``) makes one adapter out of several ordinary
+methods' parts: each part wraps its own modules under the adapter's name, so everything keyed by
+name (switching, deleting, disabling, saving) covers all of them, and each part's hooks run with a
+``PartView`` of this model in which ``peft_config[name]`` is the part's config.
 """
 from __future__ import annotations
 
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +27,24 @@ from peftkit.registry import method_for_config
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
+class PartView:
+    """The adapter model as one part of a composite adapter sees it: ``peft_config[name]`` is the
+    part's own config (a method's hooks read their options there, e.g. prefix tuning its sizes);
+    every other attribute is the adapter model's."""
+
+    def __init__(self, adapter_model: "AdapterModel", name: str, config: Any) -> None:
+        self._adapter_model, self._name, self._config = adapter_model, name, config
+
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        return {**self._adapter_model.peft_config, self._name: self._config}
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._adapter_model, attr)
+
+
 class AdapterModel(nn.Module):
     """Base model plus named adapters. Keys match HF PEFT's ``LoraModel`` (``model.`` prefix)."""
 
@@ -29,7 +53,8 @@ class AdapterModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, Any] = {}
-        self.input_methods: dict[str, Any] = {}  # adapter -> spec, for methods that act at the input
+        # adapter -> [(spec, part config)]: a composite's parts, or [(spec, None)] for a plain method
+        self.parts: dict[str, list[tuple[Any, Any]]] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.last_merge_error = 0.0
@@ -44,7 +69,7 @@ class AdapterModel(nn.Module):
         if args:  # the hook rewrites input_ids, so take it by name
             kwargs = {"input_ids": args[0], **kwargs}
             args = args[1:]
-        return self.model(*args, **hook(self, name, kwargs))
+        return self.model(*args, **hook(name, kwargs))
 
     @contextmanager
     def generating(self) -> Iterator[None]:
@@ -54,13 +79,14 @@ class AdapterModel(nn.Module):
             yield
             return
         hook, name = found
-        with hook(self, name):
+        with hook(name):
             yield
 
-    def _input_adapter(self, hook_name: str, names: list[str] | None = None) -> tuple[Any, str] | None:
-        """(hook, adapter) for the one active adapter (of ``names``) whose method acts at the input."""
+    def _input_adapter(self, hook_name: str, names: list[str] | None = None) -> tuple[Callable, str] | None:
+        """(hook bound to its view of the model, adapter) for the one active adapter (of ``names``)
+        whose method, or a part of it, acts at the input."""
         names = self.active_adapters if names is None else names
-        found = [(getattr(self.input_methods[n], hook_name), n) for n in names if n in self.input_methods]
+        found = [(partial(hook, owner), n) for n in names for hook, owner in self._hooks(n, hook_name)]
         if len(found) > 1:
             raise ValueError(f"adapters {[n for _, n in found]} all act at the input (prompt tuning) and cannot be "
                              "active together; set_adapter() one of them")
@@ -74,26 +100,62 @@ class AdapterModel(nn.Module):
                 yield key, module
 
     def add_adapter(self, name: str, config: Any) -> None:
-        """Inject a new adapter; on any error the model is left as it was."""
+        """Inject a new adapter (each part of a composite one); on any error the model is left as it was."""
         self._check_new_name(name)
         spec = method_for_config(config)
         if spec.prepare_config is not None:
             spec.prepare_config(config, self.model)
-        keys = self._target_keys(config, spec)
-        self.peft_config[name] = config
+        parts = self._expand(config, spec)
+        self.peft_config[name], self.parts[name] = config, parts
         try:
-            for key in keys:
-                self._wrap(key, name, config, spec)
+            self._inject_parts(name, parts, config, spec)
             for key in self._modules_to_save_keys(config):
                 self._wrap_to_save(key, name, config)
-            if spec.after_inject is not None:
-                spec.after_inject(self, name)
+            for hook, owner in self._hooks(name, "after_inject"):
+                hook(owner, name)
         except Exception:
             self._remove_traces(name)
             raise
-        if spec.prepare_inputs is not None:
-            self.input_methods[name] = spec
         self.refresh_trainable()
+
+    def _expand(self, config: Any, spec: Any) -> list[tuple[Any, Any]]:
+        """A composite config's parts [(spec, part config)], each prepared for the model; a plain
+        method's [(spec, None)] (its hooks see the adapter model itself)."""
+        if spec.parts is None:
+            return [(spec, None)]
+        parts = spec.parts(config, self.model)
+        for part_spec, part in parts:
+            if part_spec.prepare_config is not None:
+                part_spec.prepare_config(part, self.model)
+        at_input = [s.name for s, _ in parts if s.prepare_inputs is not None]
+        if len(at_input) > 1:
+            raise ValueError(f"a {spec.name} adapter has several parts acting at the input ({at_input}); "
+                             "keep one of them")
+        return parts
+
+    def _inject_parts(self, name: str, parts: list[tuple[Any, Any]], config: Any, spec: Any) -> None:
+        """Wrap each part's targets in turn, found just before it wraps them: a part may wrap a module
+        holding an earlier part's layers (UniPELT's prefix gate around an attention whose q/v hold its
+        LoRA; their keys then pass through ``base_layer``), but two parts may not wrap one module."""
+        owners: dict[str, str] = {}
+        for part_spec, part in parts:
+            part = config if part is None else part
+            for key in self._target_keys(part, part_spec):
+                if key in owners:
+                    raise ValueError(f"the {owners[key]} and {part_spec.name} parts of this {spec.name} adapter both "
+                                     f"target module {key!r}; a module takes one part: change the target_modules "
+                                     "of one of them")
+                owners[key] = part_spec.name
+                self._wrap(key, name, part, part_spec)
+
+    def _hooks(self, name: str, hook_name: str) -> list[tuple[Callable, Any]]:
+        """(hook, the model as the hook sees it) for each part of adapter ``name`` whose method has
+        ``hook_name`` (one pair at most for a plain method)."""
+        return [(getattr(spec, hook_name), self._owner(name, part)) for spec, part in self.parts[name]
+                if getattr(spec, hook_name) is not None]
+
+    def _owner(self, name: str, part: Any) -> Any:
+        return self if part is None else PartView(self, name, part)
 
     def _target_keys(self, config: Any, spec: Any) -> list[str]:
         if spec.find_targets is not None:  # the method picks its modules itself (prompt tuning)
@@ -165,10 +227,10 @@ class AdapterModel(nn.Module):
                 layer.delete_adapter(name)
         self._drop_empty_wrappers()
         self.peft_config.pop(name, None)
-        self.input_methods.pop(name, None)
+        self.parts.pop(name, None)
 
     def _drop_empty_wrappers(self) -> None:
-        for key, layer in list(self.adapter_layers()):
+        for key, layer in reversed(list(self.adapter_layers())):  # innermost first: outer keys stay valid
             if not layer.adapter_names():
                 self.model.set_submodule(key, layer.base_layer)
 
@@ -351,38 +413,35 @@ class AdapterModel(nn.Module):
         return self._unwrap(keep_trained_copies=False)
 
     def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
-        for key, layer in list(self.adapter_layers()):
+        for key, layer in reversed(list(self.adapter_layers())):  # innermost first: outer keys stay valid
             module = layer.current() if keep_trained_copies and isinstance(layer, ModulesToSave) else layer.base_layer
             self.model.set_submodule(key, module)
         self.peft_config = {}
-        self.input_methods = {}
+        self.parts = {}
         self.active_adapters = []
         return self.model
 
     # -- training hooks ------------------------------------------------------------------------
     def adapter_loss(self) -> torch.Tensor | None:
         """Extra loss terms of the active adapters' methods (None for LoRA)."""
-        terms = []
-        for name in self.active_adapters:
-            hook = getattr(method_for_config(self.peft_config[name]), "extra_loss", None)
-            term = hook(self, name) if hook else None
-            if term is not None:
-                terms.append(term)
+        terms = [hook(owner, name) for name in self.active_adapters for hook, owner in self._hooks(name, "extra_loss")]
+        terms = [term for term in terms if term is not None]
         return sum(terms) if terms else None
 
     def after_optimizer_step(self, global_step: int) -> None:
         for name in self.active_adapters:
-            hook = getattr(method_for_config(self.peft_config[name]), "after_step", None)
-            if hook:
-                hook(self, name, global_step)
+            for hook, owner in self._hooks(name, "after_step"):
+                hook(owner, name, global_step)
 
     def training_state(self) -> dict:
-        """Per adapter, the method's state beyond its parameters (empty for most methods)."""
+        """Per adapter, the method's state beyond its parameters (empty for most methods); for a
+        composite adapter, {part index: that part's state}."""
         state = {}
-        for name, config in self.peft_config.items():
-            hook = method_for_config(config).get_state
-            if hook is not None:
-                state[name] = hook(self, name)
+        for name, parts in self.parts.items():
+            found = {i: spec.get_state(self._owner(name, part), name)
+                     for i, (spec, part) in enumerate(parts) if spec.get_state is not None}
+            if found:
+                state[name] = found if parts[0][1] is not None else found[0]
         return state
 
     def load_training_state(self, state: dict) -> None:
@@ -390,4 +449,7 @@ class AdapterModel(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"the checkpoint holds training state for adapter {name!r}, which this "
                                  f"model lacks (it has {sorted(self.peft_config)}); resume with the same adapters")
-            method_for_config(self.peft_config[name]).set_state(self, name, value)
+            parts = self.parts[name]
+            for i, part_state in (value.items() if parts[0][1] is not None else [(0, value)]):
+                spec, part = parts[i]
+                spec.set_state(self._owner(name, part), name, part_state)

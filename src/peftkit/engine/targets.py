@@ -114,19 +114,21 @@ def is_target(config: Any, key: str, module: nn.Module, heads: set[str]) -> bool
 def find_targets(model: nn.Module, config: Any, skip: Iterable[str] = ()) -> list[str]:
     """Names of the modules ``config`` selects; raise, listing what exists, when there are none.
 
-    An existing adapter wrapper is judged by the module it wraps, and nothing inside a wrapper
-    (its base layer, its factors) is ever a target itself.
+    An existing adapter wrapper is judged by the module it wraps; its own modules (factors) and its
+    base layer itself are never targets. Modules inside a wrapped block's base layer are the model's
+    own and can be (UniPELT's LoRA on the q/v of an attention that its prefix gate wraps).
     """
     from peftkit.engine.layer import AdapterLayer
 
     heads = output_head_names(model)
-    inner = tuple(skip)
+    inner, wrapped = tuple(skip), set()
     found = []
     for key, module in model.named_modules():
-        if not key or _inside(key, inner):
+        if not key or _inside(key, inner) or key in wrapped:
             continue
         if isinstance(module, AdapterLayer):
-            inner += (key + ".",)
+            inner += tuple(f"{key}.{child}." for child, _ in module.named_children() if child != "base_layer")
+            wrapped.add(f"{key}.base_layer")
             module = module.base_layer
         if is_target(config, key, module, heads):
             found.append(key)

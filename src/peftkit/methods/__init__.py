@@ -10,3 +10,5 @@ from peftkit.methods import ptuning  # noqa: F401
 from peftkit.methods import bitfit  # noqa: F401
 from peftkit.methods import partial  # noqa: F401
 from peftkit.methods import diff_pruning  # noqa: F401
+from peftkit.methods import mam  # noqa: F401
+from peftkit.methods import unipelt  # noqa: F401

@@ -1,10 +1,11 @@
-"""Bottleneck adapters: a small residual MLP after a sub-layer's output (Houlsby / Pfeiffer placement),
-and AdapterFusion, an attention over several trained bottleneck adapters (registered as "fusion")."""
+"""Bottleneck adapters: a small residual MLP after a sub-layer's output (Houlsby / Pfeiffer placement)
+or beside a feed-forward block (parallel placement, He et al., 2022), and AdapterFusion, an attention over several trained bottleneck adapters (registered as "fusion")."""
 from peftkit.engine.targets import is_linear
 from peftkit.methods.adapter import fusion_hooks
 from peftkit.methods.adapter.config import BottleneckConfig
 from peftkit.methods.adapter.fusion_config import FusionConfig
 from peftkit.methods.adapter.layer import BottleneckLayer
+from peftkit.methods.adapter.parallel import ParallelAdapterLayer
 from peftkit.registry import LayerRule, MethodSpec, register_method
 
 SPEC = register_method(MethodSpec(
@@ -13,11 +14,12 @@ SPEC = register_method(MethodSpec(
     hf_format=False,
     config_cls=BottleneckConfig,
     prepare_config=lambda config, model: config.fill_defaults(getattr(getattr(model, "config", None), "model_type", None)),
-    supports="Linear, GPT-2 Conv1D",
+    supports="Linear, GPT-2 Conv1D; with placement='parallel' feed-forward blocks (mlp, BERT's layer.N.output)",
     target_presets=False,  # placement picks the targets
     summary="Bottleneck adapters h + s * up(act(down(h))) after sub-layer outputs (Houlsby et al., 2019; "
             "Pfeiffer et al., 2020), with AdapterDrop (Rücklé et al., 2021); cannot be merged.",
-    layer_rules=[LayerRule(lambda m, c: is_linear(m), BottleneckLayer)],
+    layer_rules=[LayerRule(lambda m, c: getattr(c, "placement", None) == "parallel", ParallelAdapterLayer),
+                 LayerRule(lambda m, c: is_linear(m), BottleneckLayer)],
 ))
 
 # A fusion lives in the BottleneckLayers that already hold its members (find_targets picks them),
@@ -42,4 +44,4 @@ FUSION_SPEC = register_method(MethodSpec(
     set_state=fusion_hooks.set_state,
 ))
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "FusionConfig", "FUSION_SPEC", "SPEC"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "ParallelAdapterLayer", "FusionConfig", "FUSION_SPEC", "SPEC"]

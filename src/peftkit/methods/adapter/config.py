@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from peftkit.config import TargetingConfig, check_field
 
-PLACEMENT_NAMES = ("houlsby", "pfeiffer")
+PLACEMENT_NAMES = ("houlsby", "pfeiffer", "parallel")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 DROP_MODES = ("both", "train", "inference")
 
@@ -20,20 +20,25 @@ DROP_MODES = ("both", "train", "inference")
 # Houlsby: after the attention output projection and after the feed-forward output of each block;
 # Pfeiffer: after the feed-forward output only. BERT's FFN output is "layer.N.output.dense", whose
 # suffix "output.dense" also names the attention output, hence the regex.
-_LLAMA = {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]}
-_BERT = {"houlsby": ["output.dense"], "pfeiffer": r"(?:.*\.)?layer\.\d+\.output\.dense"}
+# Parallel (He et al., 2022): beside the whole feed-forward block, whose INPUT the adapter reads; for
+# BERT that block is BertOutput ("layer.N.output"), whose input_tensor argument is the FFN input.
+_LLAMA = {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"], "parallel": ["mlp"]}
+_BERT = {"houlsby": ["output.dense"], "pfeiffer": r"(?:.*\.)?layer\.\d+\.output\.dense",
+         "parallel": r"(?:.*\.)?layer\.\d+\.output"}
 PLACEMENTS: dict[str, dict[str, list[str] | str]] = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], _LLAMA),
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
-    "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"]},
+    "gpt2": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"], "parallel": ["mlp"]},
 }
 
 
 @dataclass
 class BottleneckConfig(TargetingConfig):
-    """``h <- h + scaling * up(act(down(h)))`` on each target's output; see methods/adapter/layer.py."""
+    """``h <- h + scaling * up(act(down(h)))`` on each target's output (methods/adapter/layer.py); with
+    ``placement="parallel"`` ``FFN(x) + scaling * up(act(down(x)))`` beside each feed-forward block
+    (methods/adapter/parallel.py)."""
 
-    placement: Literal["houlsby", "pfeiffer"] = field(default="pfeiffer", metadata={"help": "Where adapters go when target_modules is unset: 'houlsby' (after the attention output and the feed-forward output of each block) or 'pfeiffer' (after the feed-forward output only)."})
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = field(default="pfeiffer", metadata={"help": "Where adapters go: 'houlsby' (after the attention output and the feed-forward output of each block) or 'pfeiffer' (after the feed-forward output only), both sequential on a linear's output; 'parallel' (He et al., 2022): beside each feed-forward BLOCK (targets are blocks such as 'mlp'), reading the block's input."})
     reduction_factor: int = field(default=16, metadata={"help": "Bottleneck width m = d // reduction_factor (at least 1), d being the target's output width."})
     bottleneck_size: int | None = field(default=None, metadata={"help": "Fixed bottleneck width m for every target; overrides reduction_factor when set."})
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Activation between down and up: relu, gelu, silu or tanh."})
@@ -46,7 +51,8 @@ class BottleneckConfig(TargetingConfig):
     def __post_init__(self) -> None:
         self.peft_type = "BOTTLENECK"
         super().__post_init__()
-        check_field(self.placement in PLACEMENT_NAMES, "placement", self.placement, "'houlsby' or 'pfeiffer'")
+        check_field(self.placement in PLACEMENT_NAMES, "placement", self.placement,
+                    "'houlsby' or 'pfeiffer' (sequential), or 'parallel' (beside the feed-forward block)")
         check_field(_positive_int(self.reduction_factor), "reduction_factor", self.reduction_factor, "an integer >= 1")
         check_field(self.bottleneck_size is None or _positive_int(self.bottleneck_size), "bottleneck_size",
                     self.bottleneck_size, "None or an integer >= 1")
@@ -62,6 +68,8 @@ class BottleneckConfig(TargetingConfig):
         check_field(isinstance(self.adapter_drop_lowest, int) and self.adapter_drop_lowest >= 0,
                     "adapter_drop_lowest", self.adapter_drop_lowest, "an integer >= 0 (0: drop none)")
         check_field(self.adapter_drop_mode in DROP_MODES, "adapter_drop_mode", self.adapter_drop_mode, f"one of {DROP_MODES}")
+        check_field(self.placement != "parallel" or not self.dropped_blocks(), "adapter_drop", self.adapter_drop or
+                    self.adapter_drop_lowest, "no AdapterDrop with placement='parallel' (it applies to sequential adapters)")
 
     def fill_defaults(self, model_type: str | None) -> None:
         """Fill unset target_modules from ``placement`` for this architecture."""

@@ -43,6 +43,22 @@ from peftkit.methods.adapter.fusion_config import FusionConfig
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
+def bottleneck(h: torch.Tensor, down: nn.Linear, up: nn.Linear, non_linearity: str, scaling: float) -> torch.Tensor:
+    """s * up(act(down(h))) in the adapter's dtype; h (..., d) -> (..., d). Shared by the sequential
+    layer here and the parallel one (parallel.py)."""
+    return scaling * up(ACTIVATIONS[non_linearity](down(h.to(down.weight.dtype))))
+
+
+def make_bottleneck(d: int, m: int, zero_up: bool, device: torch.device) -> tuple[nn.Linear, nn.Linear]:
+    """(down: d -> m, up: m -> d) in float32; up zero when ``zero_up`` (a fresh adapter adds nothing)."""
+    down = nn.Linear(d, m, device=device, dtype=torch.float32)
+    up = nn.Linear(m, d, device=device, dtype=torch.float32)
+    if zero_up:
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+    return down, up
+
+
 class BottleneckLayer(AdapterLayer):
     """Bottleneck adapters on the output of ``nn.Linear`` or GPT-2's ``Conv1D``."""
 
@@ -66,12 +82,7 @@ class BottleneckLayer(AdapterLayer):
             return
         d = self.out_features
         m = config.bottleneck_for(d)
-        device = self.base_weight().device
-        self.adapter_down[name] = nn.Linear(d, m, device=device, dtype=torch.float32)
-        self.adapter_up[name] = nn.Linear(m, d, device=device, dtype=torch.float32)
-        if config.init_weights:
-            nn.init.zeros_(self.adapter_up[name].weight)
-            nn.init.zeros_(self.adapter_up[name].bias)
+        self.adapter_down[name], self.adapter_up[name] = make_bottleneck(d, m, config.init_weights, self.base_weight().device)
         self.scaling[name] = float(config.scaling)
         self.non_linearity[name] = config.non_linearity
         block = layer_index(key, config.layers_pattern)
@@ -115,9 +126,7 @@ class BottleneckLayer(AdapterLayer):
 
     def adapter_output(self, h: torch.Tensor, name: str) -> torch.Tensor:
         """s * up(act(down(h))) in the adapter's dtype; h is (..., d), so is the result."""
-        down, up = self.adapter_down[name], self.adapter_up[name]
-        act = ACTIVATIONS[self.non_linearity[name]]
-        return self.scaling[name] * up(act(down(h.to(down.weight.dtype))))
+        return bottleneck(h, self.adapter_down[name], self.adapter_up[name], self.non_linearity[name], self.scaling[name])
 
     def fused_output(self, h: torch.Tensor, name: str) -> torch.Tensor | None:
         """sum_i w_i v_i of fusion ``name`` over its members kept here (None if AdapterDrop skips all)."""
