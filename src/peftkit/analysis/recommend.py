@@ -69,7 +69,8 @@ def candidates(src: ModelSource, configs: dict[str, object], opts: MemoryOptions
     found = [Candidate("full", full_finetune(src, opts), mixed_batches=False)]
     for name, config in configs.items():
         spec = get_method(name)
-        mixed = spec.prepare_inputs is None  # input-level methods take the whole batch
+        # input-level methods take the whole batch; a composite (MAM, UniPELT) is counted as one of them
+        mixed = spec.prepare_inputs is None and spec.parts is None
         bases = (False, True) if adapts_4bit(spec, config) else (False,)
         found += [Candidate(name, with_method(src, config, opts, four_bit, name), mixed) for four_bit in bases]
     return found
