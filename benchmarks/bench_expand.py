@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from peftkit.kernels import triton_kernels as tk
 from peftkit.kernels.backend import cdiv
 from peftkit.kernels.lora_linear import low_rank_expand
 
@@ -32,20 +33,10 @@ from peftkit.kernels.lora_linear import low_rank_expand
 def low_rank_expand_tma(P, Q, BIAS, Y_DESC, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr):
-    """low_rank_expand with Y written through a TMA descriptor (Hopper): the tile goes from shared
-    memory to global memory as one asynchronous bulk copy, clipped at the edges, instead of
-    masked per-thread stores."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_R)
-    row_ok, col_ok, k_ok = rows < n_rows, cols < n_cols, ks < rank
-    p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0)                 # (BM, BR)
-    q = tl.load(Q + ks[:, None] * n_cols + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0)                 # (BR, BN)
-    acc = tl.dot(p, q, input_precision=PRECISION)                                # (BM, BN) fp32
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    """The package's expand tile, written through a TMA descriptor (Hopper): one asynchronous bulk
+    copy from shared memory, clipped at the edges, instead of masked per-thread stores."""
+    _, _, acc = tk.expand_tile(P, Q, BIAS, n_rows, n_cols, rank, stride_p, HAS_BIAS, PRECISION,
+                               BLOCK_M, BLOCK_N, BLOCK_R)
     Y_DESC.store([tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N], acc.to(Y_DESC.dtype))
 
 

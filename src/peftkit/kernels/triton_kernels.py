@@ -151,13 +151,9 @@ def rope_token(X, COS, SIN, Y, n_heads, seq, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s,
 
 # ----------------------------------------------------------------------------- LoRA rank-r expand
 @jit
-def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Y = P Q (+ BIAS): P (M, r) with row stride stride_p, Q (r, N), Y (M, N) contiguous, r <= BLOCK_R.
-
-    With K = r tiny the product is bound by writing Y: each program loads its rows of P and its
-    columns of Q once, does one dot, adds the bias in float32 and rounds once (as addmm does).
-    """
+def expand_tile(P, Q, BIAS, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(rows, cols, tile): this program's (BLOCK_M, BLOCK_N) tile of P Q (+ BIAS) in float32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_R)
@@ -169,8 +165,21 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.
     acc = tl.dot(p, q, input_precision=PRECISION)                                # (BM, BN) fp32
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return rows, cols, acc
+
+
+@jit
+def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y = P Q (+ BIAS): P (M, r) with row stride stride_p, Q (r, N), Y (M, N) contiguous, r <= BLOCK_R.
+
+    With K = r tiny the product is bound by writing Y: each program loads its rows of P and its
+    columns of Q once, does one dot, adds the bias in float32 and rounds once (as addmm does).
+    """
+    rows, cols, acc = expand_tile(P, Q, BIAS, n_rows, n_cols, rank, stride_p, HAS_BIAS, PRECISION,
+                                  BLOCK_M, BLOCK_N, BLOCK_R)
     tl.store(Y + rows[:, None].to(tl.int64) * n_cols + cols[None, :], acc.to(Y.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
 # ----------------------------------------------------------------------------- 4-bit dequantization
