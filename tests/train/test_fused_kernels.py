@@ -66,3 +66,12 @@ def test_on_in_fp32_patches_without_casting_and_matches_the_unpatched_run():
     for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_model_the_kernels_do_not_know_is_left_in_its_own_dtype():
+    from tiny_models import tiny_bert
+
+    model = get_peft_model(tiny_bert(seed=0), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    args = TrainingArguments(progress_bar=False, tensorboard=False, device="cpu", fused_kernels="on", precision="bf16")
+    assert Trainer(model, args).patched is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -60,9 +60,9 @@ class TrainingArguments:
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
     fused_kernels: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "peftkit's fused kernels (patch_model: fused LoRA nodes, RMSNorm, SwiGLU, "
-                                          "RoPE, linear+cross-entropy) for Llama/Mistral/Qwen models. auto: on one "
-                                          "CUDA device with precision bf16/fp16, where the frozen base also runs in "
-                                          "that dtype; on: always (an fp32 base stays fp32); off: never"}
+                                          "RoPE, linear+cross-entropy) for Llama/Mistral/Qwen models, whose frozen base "
+                                          "then runs in the precision's dtype (bf16/fp16); other models run as they "
+                                          "are. auto: on one CUDA device at bf16/fp16; on: always; off: never"}
     )
     optim: Literal["adamw_torch", "paged_adamw_32bit"] = field(
         default="adamw_torch", metadata={"help": "adamw_torch, or paged_adamw_32bit (AdamW state kept in host memory)"}

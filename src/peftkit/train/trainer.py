@@ -149,10 +149,11 @@ class Trainer:
     def _fuse_kernels(self):
         """patch_model where ``fused_kernels`` asks for it; the PatchReport, or None.
 
-        Under "auto" (one CUDA device, bf16/fp16 precision) the frozen base's floating-point
-        parameters are first cast to that dtype: the fused LoRA node needs activations and frozen
-        weight in one dtype, autocast would compute every matmul in it anyway, and the frozen
-        weights take half the memory. Trainable tensors (adapters, trained biases) stay as they are.
+        When patch_model recognises the model (Llama, Mistral, Qwen) and precision is bf16/fp16, the
+        frozen base's floating-point parameters are then cast to that dtype: the fused LoRA node
+        needs activations and frozen weight in one dtype, autocast would compute every matmul in it
+        anyway, and the frozen weights take half the memory. Trainable tensors (adapters, trained
+        biases) stay as they are. "auto" does this on one CUDA device only.
         """
         a = self.args
         auto = self.device.type == "cuda" and not self.dist.active and a.precision != "fp32"
@@ -160,12 +161,14 @@ class Trainer:
             return None
         from peftkit.kernels import patch_model
 
+        report = patch_model(self.model)
+        if not any(vars(report).values()):
+            return None  # not a family the kernels know: the model runs as it is
         dtype = DTYPES[a.precision]
         if dtype != torch.float32:
             for param in self.model.parameters():
                 if not param.requires_grad and param.is_floating_point():
                     param.data = param.data.to(dtype)
-        report = patch_model(self.model)
         logger.info("fused kernels: %s", report)
         return report
 
