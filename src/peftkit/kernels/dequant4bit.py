@@ -47,4 +47,4 @@ def dequantize_4bit(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dt
     dtype = dtype or state.dtype
     if dtype != torch.float64 and use_triton(packed, state.absmax):
         return dequantize_4bit_triton(packed, state, dtype, absmax)
-    return nf4.dequantize_4bit(packed, state, dtype)
+    return nf4.dequantize_4bit(packed, state, dtype, absmax)

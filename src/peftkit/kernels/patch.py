@@ -78,14 +78,8 @@ def _mlp_forward(self, x):
 
 def _fused_layer(module: nn.Module, dtype: torch.dtype):
     """(weight, bias, A, B, scaling, quant) of a LoRA linear that would run lora_linear, else None."""
-    name = module.fused_adapter() if hasattr(module, "fused_adapter") else None
     plain_call = "forward" not in module.__dict__ and not (module._forward_hooks or module._forward_pre_hooks)
-    frozen = module.fused_weight(dtype) if name is not None and plain_call else None
-    if frozen is None:
-        return None
-    weight, quant = frozen
-    return (weight, module.base_layer.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-            module.scaling[name], quant)
+    return module.fused_layer(dtype) if plain_call and hasattr(module, "fused_layer") else None
 
 
 def _shared_lora(x, modules) -> list | None:

@@ -149,14 +149,17 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
     return pack_4bit(codes), state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild the weight: q[code] * absmax in float32, then rounded once to ``dtype``."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Rebuild the weight: q[code] * absmax in float32, then rounded once to ``dtype``.
+
+    ``absmax``: ``absmax_of(state)`` when the caller has already decoded it."""
     values = byte_values(state.quant_type, packed.device)[packed.flatten().long()].flatten()  # (2 ceil(n/2),)
     pad = (-values.numel()) % state.block_size
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))
     blocks = values.view(-1, state.block_size)  # (n_blocks, block_size)
-    flat = (blocks * absmax_of(state)[:, None]).flatten()[: state.numel]
+    flat = (blocks * (absmax_of(state) if absmax is None else absmax)[:, None]).flatten()[: state.numel]
     return flat.view(state.shape).to(dtype or state.dtype)
 
 

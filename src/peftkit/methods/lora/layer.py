@@ -126,12 +126,10 @@ class LoraLinear(LoraLayer):
         if self.stacked_mixed_batch():
             result = self.base_layer(x, *args, **kwargs)
             return result + stacked_delta(self, x).to(result.dtype)
-        name = self.fused_adapter()
-        frozen = None if name is None else self.fused_weight(x.dtype)
-        if frozen is None:
+        fused = self.fused_layer(x.dtype)
+        if fused is None:
             return super().forward(x, *args, **kwargs)
-        return lora_linear(x, frozen[0], self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           self.scaling[name], frozen[1])
+        return lora_linear(x, *fused)
 
     def stacked_mixed_batch(self) -> bool:
         """A mixed batch that the stacked path (mixed.py) computes exactly: unmerged, no dropout."""
@@ -153,6 +151,17 @@ class LoraLinear(LoraLayer):
             return None
         name = active[0]
         return name if not (self.training and self.dropout_p[name] > 0) else None
+
+    def fused_layer(self, dtype: torch.dtype) -> tuple | None:
+        """lora_linear's arguments after x, (weight, bias, A, B, scaling, quant), when this layer runs
+        as one fused node on activations of ``dtype``; None when it needs the general path."""
+        name = self.fused_adapter()
+        frozen = None if name is None else self.fused_weight(dtype)
+        if frozen is None:
+            return None
+        weight, quant = frozen
+        return (weight, self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], quant)
 
     def fused_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Any] | None:
         """(base weight, its 4-bit QuantState or None) for the fused node at activations of ``dtype``,
