@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.engine.targets import is_linear
+
 BASE = "__base__"  # name used in mixed batches for rows that use no adapter
 
 
@@ -75,7 +77,12 @@ class AdapterLayer(nn.Module):
         return [n for n in self.active_adapters if n in own and n not in self.merged_adapters]
 
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The wrapped module's weight; for a wrapped block without one of its own (a feed-forward
+        block, an attention module), its first linear layer's: new adapter tensors go to its device."""
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is not None:
+            return weight
+        return next((m.weight for m in self.base_layer.modules() if is_linear(m)), None)
 
     def check_delete(self, name: str) -> None:
         """Raise if adapter ``name`` cannot be deleted from this layer (another adapter of the layer

@@ -49,6 +49,12 @@ def bottleneck(h: torch.Tensor, down: nn.Linear, up: nn.Linear, non_linearity: s
     return scaling * up(ACTIVATIONS[non_linearity](down(h.to(down.weight.dtype))))
 
 
+def bottleneck_tensors(down: nn.Linear, up: nn.Linear) -> dict[str, torch.Tensor]:
+    """An adapter's file tensors, relative to its layer (the sequential and the parallel form alike)."""
+    return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
+            "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
+
+
 def make_bottleneck(d: int, m: int, zero_up: bool, device: torch.device) -> tuple[nn.Linear, nn.Linear]:
     """(down: d -> m, up: m -> d) in float32; up zero when ``zero_up`` (a fresh adapter adds nothing)."""
     down = nn.Linear(d, m, device=device, dtype=torch.float32)
@@ -110,9 +116,7 @@ class BottleneckLayer(AdapterLayer):
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         if name in self.adapter_fusion:
             return {f"adapter_fusion.{k}": t for k, t in self.adapter_fusion[name].tensors().items()}
-        down, up = self.adapter_down[name], self.adapter_up[name]
-        return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
-                "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
+        return bottleneck_tensors(self.adapter_down[name], self.adapter_up[name])
 
     def merge(self, names: list[str], safe: bool = False) -> float:
         raise ValueError("bottleneck adapters are nonlinear and cannot be merged into the base weights; "

@@ -34,7 +34,7 @@ from torch import nn
 from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter
 from peftkit.engine.targets import is_linear
 from peftkit.methods.adapter.config import BottleneckConfig
-from peftkit.methods.adapter.layer import bottleneck, make_bottleneck
+from peftkit.methods.adapter.layer import bottleneck, bottleneck_tensors, make_bottleneck
 
 
 def block_width(block: nn.Module) -> int:
@@ -63,9 +63,6 @@ class ParallelAdapterLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.non_linearity: dict[str, str] = {}
 
-    def base_weight(self) -> torch.Tensor:
-        return next(m for m in self.base_layer.modules() if is_linear(m)).weight
-
     # -- the contract ----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: BottleneckConfig, key: str) -> None:
         m = config.bottleneck_for(self.width)
@@ -83,9 +80,7 @@ class ParallelAdapterLayer(AdapterLayer):
         return list(self.adapter_down.keys())
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        down, up = self.adapter_down[name], self.adapter_up[name]
-        return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
-                "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
+        return bottleneck_tensors(self.adapter_down[name], self.adapter_up[name])
 
     def merge(self, names: list[str], safe: bool = False) -> float:
         raise ValueError("parallel adapters are nonlinear and cannot be merged into the base weights; "

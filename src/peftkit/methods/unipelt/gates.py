@@ -137,9 +137,6 @@ class PrefixGateLayer(AdapterLayer):
         self.prefix_gate = nn.ModuleDict()
         self.virtual_tokens: dict[str, int] = {}
 
-    def base_weight(self) -> torch.Tensor:
-        return next(m for m in self.base_layer.modules() if is_linear(m)).weight
-
     def add_adapter(self, name: str, config: Any, key: str) -> None:
         self.prefix_gate[name] = new_gate(self.width, self.base_weight().device)
         self.virtual_tokens[name] = config.num_virtual_tokens
