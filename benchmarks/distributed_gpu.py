@@ -45,6 +45,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=480, help="rounded down to a multiple of 2 x batch size")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--modes", default="1gpu,ddp,fsdp", help="comma list of 1gpu, ddp, fsdp")
+    p.add_argument("--fused-kernels", default="auto", choices=("auto", "on", "off"),
+                   help="passed to every run (auto: patch_model + bf16 frozen base on CUDA at bf16, on each rank too)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script on gloo")
     p.add_argument("--out", default=None, help="folder for the run folders and results.json (default: a temp dir)")
     return p.parse_args()
@@ -85,7 +87,7 @@ def command(run: str, args: argparse.Namespace, model: Path, out: Path) -> tuple
            "--max-steps", str(args.steps), "--eval-steps", str(args.steps), "--batch-size", str(batch),
            "--gradient-accumulation-steps", str(args.grad_accum), "--max-length", str(args.max_length),
            "--precision", args.precision, "--num-samples", "1", "--max-new-tokens", "16",
-           "--device", args.device, "--no-progress-bar", "--no-tensorboard"]
+           "--device", args.device, "--fused-kernels", args.fused_kernels, "--no-progress-bar", "--no-tensorboard"]
     env = dict(os.environ)
     if mode is None:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -104,7 +106,8 @@ def measure(out: Path, warmup: int) -> dict:
     return {"step_s": statistics.median(step_s) if step_s else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[warmup:]) if train[warmup:] else None,
             "peak_gib_per_rank": [round(r["peak_memory_bytes"] / 2**30, 3) for r in ranks],
-            "loss_curve": [r["loss"] for r in train], "eval_after": summary["after_metrics"]}
+            "loss_curve": [r["loss"] for r in train], "eval_after": summary["after_metrics"],
+            "fused_kernels": summary.get("fused_kernels")}
 
 
 def report(results: dict) -> None:
@@ -114,7 +117,8 @@ def report(results: dict) -> None:
         diff = max(abs(a - b) for a, b in zip(r["loss_curve"], base)) if base else float("nan")
         step = f"{1000 * r['step_s']:.1f}" if r["step_s"] else "-"
         tok = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-        print(f"{run:<6} {step:>9} {tok:>10} {str(r['peak_gib_per_rank']):<22} {r['loss_curve'][-1]:>10.4f} {diff:>20.2e}")
+        print(f"{run:<6} {step:>9} {tok:>10} {str(r['peak_gib_per_rank']):<22} {r['loss_curve'][-1]:>10.4f} {diff:>20.2e}"
+              f"  fused: {r['fused_kernels']}")
     if base:
         print("\nloss per step (1gpu | " + " | ".join(k for k in results if k != "1gpu") + "):")
         for i, value in enumerate(base):

@@ -1,8 +1,9 @@
 """Run under torchrun by test_distributed.py: train a dist_cases case on every rank, save what rank 0 sees.
 
-usage: torchrun --standalone --nproc-per-node N distributed_script.py CASE MODE OUT [SECONDS_PER_STEP] [resume] [bf16-best]
+usage: torchrun --standalone --nproc-per-node N distributed_script.py CASE MODE OUT [SECONDS_PER_STEP] [resume] [bf16-best|fp32-fused|bf16-fused]
 
-``bf16-best``: bf16 mixed precision and load_best_at_end.
+``bf16-best``: bf16 mixed precision and load_best_at_end. ``fp32-fused`` / ``bf16-fused``:
+fused_kernels='on' (patch_model; in bf16 also a bf16 frozen base, as fused_kernels='auto' does on CUDA).
 
 Rank 0 writes OUT/result.json (eval metrics), OUT/probe.pt (the trained model's logits on
 dist_cases.PROBE) and OUT/adapter/ (save_pretrained, gathered under FSDP2).
@@ -28,6 +29,9 @@ case, mode, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 resume = "resume" in sys.argv[5:]
 extra = dict(precision="bf16", load_best_at_end=True) if "bf16-best" in sys.argv[5:] else {}
+for precision in ("fp32", "bf16"):
+    if f"{precision}-fused" in sys.argv[5:]:
+        extra = dict(precision=precision, fused_kernels="on")
 
 
 def slowed(model):
@@ -51,4 +55,5 @@ with distributed_session("cpu"):
             model.save_pretrained(str(out / "adapter"))
             torch.save({"trainable": trainable_state(model), "probe": probe}, out / "probe.pt")
             fsdp_units = sum(isinstance(m, FSDPModule) for m in model.modules())
-            (out / "result.json").write_text(json.dumps({"metrics": metrics, "fsdp_units": fsdp_units}))
+            (out / "result.json").write_text(json.dumps({"metrics": metrics, "fsdp_units": fsdp_units,
+                                                         "patched": str(trainer.patched or "")}))

@@ -133,6 +133,42 @@ def test_fsdp_in_bf16_restores_and_saves_the_fp32_best_adapter(tmp_path):
     assert_same_weights(saved, best["trainable"], tol=0.0)
 
 
+def fused_run(mode: str, precision: str, tmp_path: Path) -> tuple[dict, dict, Trainer, dict]:
+    """A 2-rank run and its one-process reference, both with fused_kernels='on' (patch_model applied on
+    every rank before DDP / FSDP2 wrap the model): result.json, rank 0's trained adapters, the reference
+    trainer and its starting adapters."""
+    out = tmp_path / "run"
+    torchrun("lm", mode, out, "0", "-", f"{precision}-fused")
+    one = Trainer(dist_cases.model("lm"), dist_cases.args("lm", None, 1, precision=precision, fused_kernels="on"),
+                  *dist_cases.data("lm"))
+    start = trainable_state(one.model)
+    one.train()
+    result = json.loads((out / "result.json").read_text())
+    assert one.patched is not None and result["patched"] == str(one.patched)
+    return result, torch.load(out / "probe.pt")["trainable"], one, start
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_fused_kernels_under_torchrun_give_the_weights_of_one_process(tmp_path, mode):
+    """fp32: the fused LoRA nodes read FSDP2's gathered weights and feed both wrappers' gradient reductions."""
+    _, got, one, _ = fused_run(mode, "fp32", tmp_path)
+    assert_same_weights(got, trainable_state(one.model), tol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_fused_kernels_under_torchrun_in_bf16_train_as_one_process_does(tmp_path, mode):
+    """bf16: the frozen base is cast before wrapping (FSDP2 then shards bf16 base weights beside fp32
+    adapters). Ranks see other micro-batches than one process, so bf16 rounding differs: compare the
+    adapters' total movement and the held-out loss, not single elements."""
+    result, got, one, start = fused_run(mode, "bf16", tmp_path)
+    assert {p.dtype for p in one.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    want = trainable_state(one.model)
+    moved = sum((want[n] - start[n]).norm() ** 2 for n in want) ** 0.5
+    apart = sum((got[n] - want[n]).norm() ** 2 for n in want) ** 0.5
+    assert got.keys() == want.keys() and apart < 0.1 * moved, (apart, moved)
+    assert result["metrics"]["loss"] == pytest.approx(one.evaluate()["loss"], rel=1e-2)
+
+
 # ------------------------------------------------------------------------------------------ (c)
 def kill_after(out: Path, steps: int, *extra: str) -> None:
     """Start a slowed 2-rank FSDP2 job and SIGKILL all of it once ``steps`` steps are logged."""

@@ -12,7 +12,7 @@ finished files last, each written atomically:
     RUN/config.yaml           peftkit train --config RUN/config.yaml  reruns it
     RUN/metrics.jsonl         one JSON object per logged step / evaluation
     RUN/training_curves.png   loss and held-out accuracy (or perplexity)
-    RUN/summary.json          task, method, metric, before, after, params, time, memory
+    RUN/summary.json          task, method, metric, before, after, params, time, memory, fused kernels
 
 Launched by ``torchrun --nproc-per-node N -m peftkit.cli.main train ...`` every rank runs this job
 on its data shard (``peftkit.train.distributed``); only rank 0 prints and writes the run folder.
@@ -317,6 +317,7 @@ def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
     if not trainer.is_main:
         return {}
     out = summary(job, before, after, result, after_samples)
+    out["fused_kernels"] = str(trainer.patched) if trainer.patched else "off"  # what --fused-kernels did
     if ranks:
         out["ranks"] = ranks
     atomic_write_text(run_dir / SUMMARY, json.dumps(out, indent=2) + "\n")

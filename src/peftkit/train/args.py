@@ -62,7 +62,7 @@ class TrainingArguments:
         default="auto", metadata={"help": "peftkit's fused kernels (patch_model: fused LoRA nodes, RMSNorm, SwiGLU, "
                                           "RoPE, linear+cross-entropy) for Llama/Mistral/Qwen models, whose frozen base "
                                           "then runs in the precision's dtype (bf16/fp16); other models run as they "
-                                          "are. auto: on one CUDA device at bf16/fp16; on: always; off: never"}
+                                          "are. auto: on CUDA at bf16/fp16 (also under torchrun); on: always; off: never"}
     )
     optim: Literal["adamw_torch", "paged_adamw_32bit"] = field(
         default="adamw_torch", metadata={"help": "adamw_torch, or paged_adamw_32bit (AdamW state kept in host memory)"}

@@ -153,10 +153,12 @@ class Trainer:
         frozen base's floating-point parameters are then cast to that dtype: the fused LoRA node
         needs activations and frozen weight in one dtype, autocast would compute every matmul in it
         anyway, and the frozen weights take half the memory. Trainable tensors (adapters, trained
-        biases) stay as they are. "auto" does this on one CUDA device only.
+        biases) stay as they are. "auto" does this on CUDA devices. Under torchrun this runs before
+        DDP or FSDP2 wraps the model: the patched forwards read each parameter when called, so they
+        see FSDP2's gathered weights, and the adapters' gradients reach DDP's and FSDP2's hooks as usual.
         """
         a = self.args
-        auto = self.device.type == "cuda" and not self.dist.active and a.precision != "fp32"
+        auto = self.device.type == "cuda" and a.precision != "fp32"
         if a.fused_kernels == "off" or (a.fused_kernels == "auto" and not auto):
             return None
         from peftkit.kernels import patch_model
