@@ -43,3 +43,18 @@ __all__ += ["MamConfig"]
 from peftkit.methods.unipelt import UniPeltConfig  # noqa: E402
 
 __all__ += ["UniPeltConfig"]
+from peftkit.auto import (  # noqa: E402
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from peftkit.inject import inject_adapter_in_model  # noqa: E402
+
+__all__ += ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
+            "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+            "inject_adapter_in_model"]

@@ -104,6 +104,19 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add LoRA adapter ``adapter_name`` combined from ``adapters`` with ``weights`` (not
+        activated), as HF PEFT's method of the same name; the math is in methods/lora/weighted.py."""
+        from peftkit.methods.lora.weighted import WeightedOptions, add_weighted_adapter
+
+        options = WeightedOptions(combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver,
+                                  density, majority_sign_method)
+        add_weighted_adapter(self.base_model, list(adapters), list(weights), adapter_name, options)
+
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
