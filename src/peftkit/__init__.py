@@ -43,3 +43,6 @@ __all__ += ["MamConfig"]
 from peftkit.methods.unipelt import UniPeltConfig  # noqa: E402
 
 __all__ += ["UniPeltConfig"]
+from peftkit.methods.lora import LoftQConfig  # noqa: E402
+
+__all__ += ["LoftQConfig"]
