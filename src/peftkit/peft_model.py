@@ -182,8 +182,13 @@ class PeftModel(nn.Module):
 
     # -- saving and loading --------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **_: Any) -> None:
-        """Write each adapter in the HF PEFT layout ("default" at the top, others in subfolders)."""
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **_: Any) -> None:
+        """Write each adapter in the HF PEFT layout ("default" at the top, others in subfolders).
+
+        ``path_initial_model_for_weight_conversion``: the folder of this adapter saved right after a
+        PiSSA/OLoRA initialisation; the adapter is then written as a plain LoRA adapter (rank 2r) for
+        the original base weights (methods/lora/convert.py)."""
         if Path(save_directory).is_file():
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder path")
         names = selected_adapters or list(self.peft_config)
@@ -195,8 +200,11 @@ class PeftModel(nn.Module):
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
             folder.mkdir(parents=True, exist_ok=True)
-            hf_format.save_weights(hf_format.to_hf_state_dict(self.base_model, name), folder)
-            config = self.peft_config[name].copy()
+            state, config = hf_format.to_hf_state_dict(self.base_model, name), self.peft_config[name].copy()
+            if path_initial_model_for_weight_conversion is not None:
+                state, config = _for_initial_base(self.base_model, name, state, config,
+                                                  path_initial_model_for_weight_conversion)
+            hf_format.save_weights(state, folder)
             config.inference_mode = True
             config.save_pretrained(folder)
             hf_format.write_model_card(folder, config)
@@ -246,6 +254,18 @@ class PeftModel(nn.Module):
     def _load_state(self, state: dict[str, torch.Tensor], adapter_name: str, strict: bool) -> None:
         for note in hf_format.load_state(self.base_model, adapter_name, state, strict=strict):
             warnings.warn(note)
+
+
+def _for_initial_base(adapter_model: AdapterModel, name: str, state: dict, config: PeftConfig,
+                      initial: str | os.PathLike) -> tuple[dict, PeftConfig]:
+    """The method's ``convert_initial`` (file tensors, config) for the base before its initialisation."""
+    from peftkit.registry import method_for_config
+
+    spec = method_for_config(config)
+    if spec.convert_initial is None:
+        raise ValueError(f"path_initial_model_for_weight_conversion converts LoRA adapters initialised with PiSSA or "
+                         f"OLoRA; adapter {name!r} is a {spec.name} adapter: save it without that argument")
+    return spec.convert_initial(adapter_model, name, state, config, initial)
 
 
 class _SignedForward:

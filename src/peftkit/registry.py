@@ -73,6 +73,10 @@ class MethodSpec:
     # The wrapper types a composite's parts use (its own layer_rules stay empty), so that tools that
     # read files without a model (``peftkit inspect``) know their tensors.
     part_layers: tuple[type, ...] = ()
+    # save_pretrained(path_initial_model_for_weight_conversion=PATH): (adapter_model, name, file tensors,
+    # config copy, PATH) -> (tensors, config) of an adapter that works on the base as it was before an
+    # initialisation rewrote it (LoRA's PiSSA/OLoRA); None: the method has no such conversion.
+    convert_initial: Callable[[nn.Module, str, dict, object, str], tuple[dict, object]] | None = None
 
     def wrapper_for(self, module: nn.Module, config: object) -> type | None:
         """First matching rule wins, so specific base types are registered before general ones."""

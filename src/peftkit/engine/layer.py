@@ -12,6 +12,7 @@ adapters. The engine only talks to layers through this small contract:
   file without a model (``peftkit inspect``) know the adapter's tensors by asking the registry.
   A layer whose file form differs from its live tensors (diff pruning's sparse diff) also defines
   ``from_saved(name, tensors)``, the inverse of ``saved_tensors``, which loading calls first.
+- ``check_batch(names)`` (optional): raise if the layer cannot serve a mixed batch of these rows.
 - ``check_delete(name)`` (optional): raise if the layer still needs adapter ``name`` (a fusion over
   it); the engine asks every layer first, so that a refused delete changes nothing.
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
@@ -87,6 +88,10 @@ class AdapterLayer(nn.Module):
     def check_delete(self, name: str) -> None:
         """Raise if adapter ``name`` cannot be deleted from this layer (another adapter of the layer
         uses it: a fusion's member); change nothing. The engine asks every layer before deleting."""
+
+    def check_batch(self, names: list[str]) -> None:
+        """Raise if this layer cannot run a mixed batch with row adapters ``names`` (LoRA beside an
+        adapter whose initialisation rewrote the base weight); the engine asks before setting it."""
 
     def check_unmerge(self) -> None:
         """Raise if `unmerge` could not restore the base weights; change nothing. The engine asks

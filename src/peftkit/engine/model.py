@@ -296,6 +296,8 @@ class AdapterModel(nn.Module):
                              f"{sorted(self.peft_config)} or {BASE!r} for the base model")
         layers = [layer for _, layer in self.adapter_layers()]
         for layer in layers:
+            layer.check_batch(list(names))
+        for layer in layers:
             layer.batch_adapter_names = list(names)
         try:
             yield

@@ -2,7 +2,9 @@
 from torch import nn
 
 from peftkit.engine.targets import fill_default_targets, is_linear
-from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.config import LoftQConfig, LoraConfig
+from peftkit.methods.lora.convert import convert_to_lora
+from peftkit.methods.lora.inits import rewrite_bases
 from peftkit.methods.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from peftkit.methods.lora.linear4bit import Lora4bitLinear
 from peftkit.quant.linear4bit import Linear4bit
@@ -16,6 +18,8 @@ SPEC = register_method(MethodSpec(
     supports="Linear, Embedding, Conv1d/2d/3d, GPT-2 Conv1D, 4-bit Linear4bit",
     claims=lambda d: not d.get("use_dora"),
     summary="Low-rank update B A beside each frozen weight (Hu et al., 2021).",
+    after_inject=rewrite_bases,  # PiSSA / OLoRA / LoftQ rewrite the base once every target has its factors
+    convert_initial=convert_to_lora,
     layer_rules=[
         LayerRule(lambda m, c: isinstance(m, Linear4bit), Lora4bitLinear),
         LayerRule(lambda m, c: is_linear(m), LoraLinear),
@@ -24,4 +28,4 @@ SPEC = register_method(MethodSpec(
     ],
 ))
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "Lora4bitLinear", "SPEC"]
+__all__ = ["LoraConfig", "LoftQConfig", "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "Lora4bitLinear", "SPEC"]

@@ -7,6 +7,13 @@ kaiming-uniform (a = sqrt 5), or N(0, 1/r^2) with "gaussian"; B = 0, so a fresh 
 nothing. Merging adds s * B A to W0, transposed where the base stores its weight as (in, out)
 (GPT-2's Conv1D, ``fan_in_fan_out``).
 
+PiSSA, OLoRA and LoftQ (``init_lora_weights`` "pissa", "pissa_niter_K", "olora", "loftq"; Linear and
+Conv1D only) compute A and B from W0 and replace W0 by what the adapter leaves out (W0 - s B A, or
+LoftQ's dequantized NF4 codes): the math is in methods/lora/inits.py. The factors are set when the
+layer gets the adapter; the base is rewritten once every target has them (``rewrite_base``). Other
+adapters, ``disable_adapter`` and "__base__" rows then see the rewritten base, so a mixed batch beside
+such an adapter is refused (``check_batch``); deleting it leaves the rewritten base, as in HF PEFT.
+
 Embeddings: h = W0[x] + s * A^T[x] B^T with A (r x vocab) = 0 and B (dim x r) ~ N(0, 1) at init.
 Convolutions: A is a convolution with the base's kernel, stride and padding into r channels and B
 a 1x1 convolution back out, so the merged kernel is B A contracted over r.
@@ -23,7 +30,8 @@ from torch import nn
 from peftkit.engine.layer import (AdapterLayer, additive_forward, additive_merge, additive_unmerge,
                                   linear_layout, sync_fan_in_fan_out)
 from peftkit.kernels.lora_linear import lora_linear
-from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora import inits
+from peftkit.methods.lora.config import LoraConfig, is_weight_init
 from peftkit.methods.lora.mixed import Stack, stacked_delta
 
 
@@ -38,6 +46,8 @@ class LoraLayer(AdapterLayer):
         self.dropout_p: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
         self.last_merge_error = 0.0
+        self.pending_base: dict[str, tuple[str, Any]] = {}  # adapter -> (init mode, inits.factors' base form)
+        self.base_rewritten: dict[str, str] = {}  # adapter -> the init mode that rewrote the base weight
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
         self.r[name], self.lora_alpha[name] = config.rank_for(key), config.alpha_for(key)
@@ -45,7 +55,10 @@ class LoraLayer(AdapterLayer):
         p = self.dropout_p[name] = config.lora_dropout
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.make_factors(name, self.r[name])
-        self.init_factors(name, config.init_lora_weights)
+        if is_weight_init(config.init_lora_weights):
+            self.init_from_weight(name, config, key)
+        else:
+            self.init_factors(name, config.init_lora_weights)
         device = self.base_weight().device
         for tensor in self.adapter_tensors(name).values():
             tensor.data = tensor.data.to(device=device, dtype=torch.float32)
@@ -53,6 +66,8 @@ class LoraLayer(AdapterLayer):
     def delete_adapter(self, name: str) -> None:
         for table in (self.r, self.lora_alpha, self.scaling, self.dropout_p):
             table.pop(name)
+        self.pending_base.pop(name, None)
+        self.base_rewritten.pop(name, None)
         del self.lora_dropout[name]
         self.drop_factors(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
@@ -63,6 +78,17 @@ class LoraLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         additive_unmerge(self)
+
+    def check_batch(self, names: list[str]) -> None:
+        """Refuse a mixed batch whose other rows would run on a base another adapter rewrote."""
+        for owner, mode in self.base_rewritten.items():
+            others = sorted({n for n in names if n != owner})
+            if others:
+                raise ValueError(f"adapter {owner!r} was initialised with init_lora_weights={mode!r}, which rewrote "
+                                 f"the base weights, so rows for {others} cannot share a batch with it (they would "
+                                 "run on the rewritten base); save it converted to plain LoRA "
+                                 "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that "
+                                 "on the original base to mix adapters")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return additive_forward(self, x, *args, **kwargs)
@@ -76,6 +102,12 @@ class LoraLayer(AdapterLayer):
 
     def init_factors(self, name: str, mode: bool | str) -> None:
         raise NotImplementedError
+
+    def init_from_weight(self, name: str, config: LoraConfig, key: str) -> None:
+        """PiSSA / OLoRA / LoftQ factors from the base weight (layers that can take them override this)."""
+        raise ValueError(f"init_lora_weights={config.init_lora_weights!r} works on Linear and GPT-2 Conv1D layers; "
+                         f"{key!r} is a {type(self.base_layer).__name__}: leave it out of target_modules "
+                         "(or exclude_modules), or use init_lora_weights=True")
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -177,6 +209,33 @@ class LoraLinear(LoraLayer):
 
     def init_factors(self, name: str, mode: bool | str) -> None:
         init_pair(self.lora_A[name].weight, self.lora_B[name].weight, mode, self.r[name])
+
+    def init_from_weight(self, name: str, config: LoraConfig, key: str) -> None:
+        """Set A, B from W (inits.factors) and keep what the base becomes for ``rewrite_base``."""
+        weight, mode = self.base_weight(), config.init_lora_weights
+        inits.check_weight(key, weight, self.r[name], mode)
+        if weight.device.type == "meta":  # shapes only (the params/memory tools): nothing to decompose
+            return self.init_factors(name, True)
+        w = weight.detach().float()
+        a, b, base_form = inits.factors(config, w.T if self.fan_in_fan_out else w, self.r[name], self.scaling[name])
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(a)  # (r, in)
+            self.lora_B[name].weight.copy_(b)  # (out, r)
+        self.pending_base[name] = (mode, base_form)
+
+    def rewrite_base(self, name: str) -> None:
+        """Replace W by W - s B A (or LoftQ's dequantized codes), from the factors as they are now."""
+        mode, base_form = self.pending_base.pop(name)
+        weight = self.base_weight()
+        if base_form is None:
+            w = weight.detach().float()
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            new = inits.residual(w.T if self.fan_in_fan_out else w, a, b, self.scaling[name])  # (out, in)
+        else:
+            new = inits.dequantized(base_form)  # (out, in)
+        with torch.no_grad():
+            weight.copy_((new.T if self.fan_in_fan_out else new).to(weight.dtype))
+        self.base_rewritten[name] = mode
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight

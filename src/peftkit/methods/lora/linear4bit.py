@@ -55,6 +55,12 @@ class Lora4bitLinear(LoraLinear):
             return None  # Linear4bit casts the input, or autocast picks another dtype: its own forward
         return base.weight, base.quant_state()
 
+    def init_from_weight(self, name: str, config: Any, key: str) -> None:
+        raise ValueError(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight, which the 4-bit "
+                         f"{key!r} cannot take without quantizing it again: initialise on the full-precision model, "
+                         "then unload() it, quantize that base (peftkit.quant.quantize_model) and load the adapter "
+                         "saved with init_lora_weights=True onto it")
+
     def merge(self, names: list[str], safe: bool = False) -> float:
         todo = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
         if not todo:
