@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import json
+import numbers
 import os
 import types
 import typing
@@ -39,10 +41,11 @@ def check_field(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def value_fits(hint: Any, value: Any) -> bool:
-    """Whether ``value`` (as read from JSON or YAML) has the type a field annotates.
+    """Whether ``value`` (read from JSON or YAML, or given in Python) has the type a field annotates.
 
-    ``float`` accepts ints, ``int`` and ``float`` refuse bools, lists accept tuples and sets; an
-    annotation this function does not know accepts anything (the field's own check decides).
+    ``float`` accepts ints, ``int`` and ``float`` refuse bools (numpy's numbers are numbers too),
+    lists accept tuples and sets; an annotation this function does not know accepts anything (the
+    field's own check decides).
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -54,7 +57,7 @@ def value_fits(hint: Any, value: Any) -> bool:
     if hint in (bool, str):
         return isinstance(value, hint)
     if hint in (int, float):
-        return isinstance(value, (int, hint)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
     if hint in (list, tuple, set) or origin in (list, tuple, set):
         return isinstance(value, (list, tuple, set)) and (not args or all(value_fits(args[0], v) for v in value))
     if hint is dict or origin is dict:
@@ -76,10 +79,23 @@ def type_name(hint: Any) -> str:
 
 def check_types(cls: type, values: dict[str, Any]) -> None:
     """Raise a ValueError naming the first of ``values`` whose type its field of ``cls`` refuses."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
+    helps = _field_helps(cls)
     for name, value in values.items():
-        if name in hints:
-            check_field(value_fits(hints[name], value), name, value, type_name(hints[name]))
+        if name in hints and not value_fits(hints[name], value):
+            help_text = helps.get(name)
+            check_field(False, name, value, type_name(hints[name]) + (f" ({help_text})" if help_text else ""))
+
+
+@functools.cache
+def _field_helps(cls: type) -> dict[str, str]:
+    """Each field's help text: a wrong type's error also says what the field means and takes."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving the annotations is slow, and every config construction asks
 
 
 # Fields that HF PEFT writes for features peftkit does not model. Left at their defaults they mean
@@ -107,6 +123,9 @@ class PeftConfig:
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
+        # Built in Python, a wrongly typed field is named here, as one read from a file or YAML is,
+        # not met later as a TypeError deep inside (LoraConfig(target_modules=5)).
+        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
         allowed = [t.value for t in TaskType]
         check_field(self.task_type is None or self.task_type in allowed, "task_type", self.task_type,
                     f"one of {allowed} or None")
@@ -132,8 +151,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)} "
                           "(written by a newer version or another library?)")
-        check_types(cls, kwargs)  # a wrong type is named here, not met later as a TypeError
-        return cls(**kwargs)
+        return cls(**kwargs)  # __post_init__ names a field of the wrong type
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         from peftkit.io.atomic import atomic_write_text

@@ -216,13 +216,15 @@ class PeftModel(nn.Module):
         """Load a saved adapter (ours or HF PEFT's) onto ``model``.
 
         Both files are read before ``model`` is touched; if the adapter then does not fit, ``model``
-        is left as it was (no wrapper, and every parameter's ``requires_grad`` as before).
+        is left as it was (no wrapper, every parameter's ``requires_grad`` and the input-grad hook
+        of gradient checkpointing as before).
         """
         config = config or PeftConfig.from_pretrained(model_id)
         state = hf_format.read_weights(model_id)
         config.inference_mode = not is_trainable
         wrapper = TASK_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
         grads = [(p, p.requires_grad) for p in model.parameters()]
+        hooks = _input_grad_hooks(model)
         peft_model = None
         try:
             peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype)
@@ -232,6 +234,7 @@ class PeftModel(nn.Module):
                 peft_model.base_model.unload()
             for param, flag in grads:
                 param.requires_grad_(flag)
+            _restore_input_grad_hooks(model, hooks)
             raise
         return peft_model
 
@@ -266,6 +269,28 @@ def _for_initial_base(adapter_model: AdapterModel, name: str, state: dict, confi
         raise ValueError(f"path_initial_model_for_weight_conversion converts LoRA adapters initialised with PiSSA or "
                          f"OLoRA; adapter {name!r} is a {spec.name} adapter: save it without that argument")
     return spec.convert_initial(adapter_model, name, state, config, initial)
+
+
+# Where transformers' enable_input_require_grads keeps its hook handles (the list, and its first one).
+_HOOK_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
+
+
+def _input_grad_hooks(model: nn.Module) -> dict[str, Any]:
+    """The model's input-grad hook handles as they are now (absent attributes left out)."""
+    return {attr: getattr(model, attr) for attr in _HOOK_ATTRS if hasattr(model, attr)}
+
+
+def _restore_input_grad_hooks(model: nn.Module, before: dict[str, Any]) -> None:
+    """Remove the input-grad hooks added since ``before`` and put the attributes back as they were."""
+    kept = [*before.get("_require_grads_hooks", []), before.get("_require_grads_hook")]
+    for handle in [*getattr(model, "_require_grads_hooks", []), getattr(model, "_require_grads_hook", None)]:
+        if handle is not None and not any(handle is k for k in kept):
+            handle.remove()
+    for attr in _HOOK_ATTRS:
+        if attr in before:
+            setattr(model, attr, before[attr])
+        elif hasattr(model, attr):
+            delattr(model, attr)
 
 
 class _SignedForward:

@@ -119,6 +119,13 @@ def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     fails(capsys, ["train", "--resume", str(tmp_path)], "not a run folder")
 
 
+def test_resume_of_a_run_that_saved_no_checkpoint_says_how_to_start_it_again(capsys, tiny_bert_dir, reviews_jsonl, out):
+    assert main(tiny_cls_args(tiny_bert_dir, reviews_jsonl, out, "--max-steps", "1")) == 0
+    (out / "summary.json").unlink()  # as a run killed before its first checkpoint leaves it
+    err = fails(capsys, ["train", "--resume", str(out)], f"{str(out)!r} holds no checkpoint to resume from")
+    assert f"drop --resume and start it again: peftkit train --config {out / 'config.yaml'}" in err
+
+
 def test_bad_json_lines_name_the_line(capsys, tiny_bert_dir, tmp_path, out):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"review": "ok", "sentiment": "pos"}) + "\n{broken\n")

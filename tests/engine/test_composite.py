@@ -1,7 +1,8 @@
 """The engine's composite adapters (``MethodSpec.parts``) with a part whose method has every training
 hook: a test-only composite of AdaLoRA and a bottleneck adapter must train exactly as the two
 methods do as separate adapters of one model (extra loss, rank allocation after each step, training
-state in checkpoints), its hooks reading the part's own config through a ``PartView``."""
+state in checkpoints), its hooks reading the part's own config through a ``PartView``; and a part's
+``load_fix`` speaks for its own tensors when a MAM or UniPELT file does not fit."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from peftkit import AdaLoraConfig, BottleneckConfig, get_peft_model
+from peftkit import AdaLoraConfig, BottleneckConfig, MamConfig, PeftModel, UniPeltConfig, get_peft_model
 from peftkit import registry
 from peftkit.config import CompositeConfig
 from peftkit.methods import adalora, adapter
 from peftkit.methods.adalora.layer import AdaLoraLinear
-from tiny_models import model_inputs, tiny_llama
+from tiny_models import logits, model_inputs, tiny_bert, tiny_llama
 
 ADALORA = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "total_step": 6, "target_modules": ["q_proj", "v_proj"],
            "lora_alpha": 8}
@@ -88,3 +89,35 @@ def test_training_state_is_keyed_by_part_and_restores(models):
     fresh = get_peft_model(tiny_llama(0), PairConfig(task_type="CAUSAL_LM"))
     fresh.load_training_state(state)
     assert repr(fresh.training_state()) == repr(state)
+
+
+# -- a part's load_fix -----------------------------------------------------------------------------
+@pytest.mark.parametrize("composite, builder, task", [
+    (MamConfig, tiny_llama, "CAUSAL_LM"), (UniPeltConfig, tiny_bert, "SEQ_CLS")])
+def test_a_part_that_does_not_fit_gives_its_methods_fix_which_works(tmp_path, composite, builder, task):
+    """A projected prefix part cannot train on from its folded file: the message is prefix tuning's
+    own (MethodSpec.load_fix), told where the composite keeps the part's options, and that works."""
+    get_peft_model(builder(0), composite(task_type=task, prefix_tuning={"num_virtual_tokens": 2,
+                                                                        "prefix_projection": True})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="prefix_projection MLP is folded away") as err:
+        PeftModel.from_pretrained(builder(0), tmp_path, is_trainable=True)
+    assert f"prefix_tuning dict instead: config = {composite.__name__}.from_pretrained(folder)" in str(err.value)
+    config = composite.from_pretrained(tmp_path)
+    config.prefix_tuning["prefix_projection"] = False
+    trained = PeftModel.from_pretrained(builder(0), tmp_path, is_trainable=True, config=config)
+    frozen = PeftModel.from_pretrained(builder(0), tmp_path)
+    torch.testing.assert_close(logits(trained, model_inputs()), logits(frozen, model_inputs()), atol=0, rtol=0)
+    assert any("prompt_encoder" in n for n, p in trained.named_parameters() if p.requires_grad)
+
+
+def test_a_part_whose_tensors_fit_adds_no_fix_of_its_own(tmp_path):
+    """A misfit elsewhere (the adapter part's width) keeps the generic fix: the prefix part's
+    load_fix is asked only about its own tensors."""
+    config = MamConfig(task_type="CAUSAL_LM", prefix_tuning={"num_virtual_tokens": 2, "prefix_projection": True},
+                       parallel_adapter={"reduction_factor": 4})
+    get_peft_model(tiny_llama(0), config).save_pretrained(tmp_path)
+    other = MamConfig.from_pretrained(tmp_path)
+    other.parallel_adapter["reduction_factor"] = 2
+    with pytest.raises(ValueError, match="adapter_down.weight: file has shape") as err:
+        PeftModel.from_pretrained(tiny_llama(0), tmp_path, config=other)
+    assert "fix: load it onto the base model it was trained on" in str(err.value)

@@ -1,6 +1,7 @@
 """Every registered method's adapter, saved for real and then damaged: loading refuses it with a
 message naming the file or tensor and the fix, and leaves the model exactly as it was (modules,
-parameter values, ``requires_grad``, adapters, active adapter, outputs).
+parameter values, ``requires_grad``, forward hooks such as gradient checkpointing's input-grad hook,
+adapters, active adapter, outputs).
 
 Decisions recorded here: NaN/inf values are refused (``strict=False`` loads them with a warning
 naming the tensor); config fields this version does not know warn and load (HF adds fields in
@@ -159,11 +160,17 @@ def snapshot(model):
     peft = getattr(model, "peft_config", None)
     active = model.active_adapters if peft is not None else None
     return ([(k, type(m)) for k, m in model.named_modules()], params, sorted(peft or {}), active,
-            logits(model, model_inputs()))
+            logits(model, model_inputs()), forward_hooks(model))
+
+
+def forward_hooks(model):
+    """module -> its forward hooks, and the handles transformers keeps for its input-grad hooks."""
+    hooks = {k: list(m._forward_hooks) for k, m in model.named_modules() if m._forward_hooks}
+    return hooks, [id(h) for h in getattr(model, "_require_grads_hooks", [])]
 
 
 def assert_unchanged(model, before):
-    modules, params, adapters, active, out = before
+    modules, params, adapters, active, out, hooks = before
     now = snapshot(model)
     assert now[0] == modules, "a wrapper was left behind or removed"
     assert now[1].keys() == params.keys()
@@ -172,6 +179,7 @@ def assert_unchanged(model, before):
         assert now[1][key][1] == grad, f"{key}.requires_grad changed from {grad}"
     assert (now[2], now[3]) == (adapters, active)
     torch.testing.assert_close(now[4], out, atol=0, rtol=0)
+    assert now[5] == hooks, "a forward hook was left behind or removed"
 
 
 def expected(pattern: str, folder) -> str:
@@ -194,6 +202,22 @@ def test_damaged_adapter_is_refused_and_the_base_model_is_untouched(copy, damage
         pk.PeftModel.from_pretrained(model, copy)
     assert "\n" not in str(err.value) or "fix:" in str(err.value)  # one line, or a listing that ends in the fix
     assert not RAN
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on", "on, input grads already enabled"])
+def test_a_failed_load_under_gradient_checkpointing_leaves_the_input_grad_hook_as_it_was(copy, checkpointing):
+    """from_pretrained enables input grads under gradient checkpointing; a load that then fails
+    must not leave that hook behind (nor drop one the user had)."""
+    WEIGHT_DAMAGE["wrong_shape"][0](copy)  # found after the adapter's layers exist
+    model = tiny_llama()
+    if checkpointing != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing == "on, input grads already enabled":
+        model.enable_input_require_grads()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="file has shape"):
+        pk.PeftModel.from_pretrained(model, copy)
     assert_unchanged(model, before)
 
 

@@ -119,11 +119,20 @@ def test_resume_from_a_folder_without_checkpoints_is_an_error(tmp_path):
         Trainer(TinyClassifier(), args(tmp_path / "new"), DATA).train(resume_from=tmp_path)
 
 
-def test_resume_true_whose_checkpoints_were_deleted_says_it_starts_over(reference, killed, caplog):
+def test_resume_true_whose_checkpoints_were_deleted_is_an_error_naming_the_output_dir(killed):
+    """As transformers' Trainer: asked to resume, finding nothing to resume from is an error, not a
+    silent restart that redoes the run over its log."""
     shutil.rmtree(killed / "checkpoints")
-    with caplog.at_level(logging.WARNING, logger="peftkit.train.trainer"):
+    logged = (killed / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=f"output directory {str(killed)!r} holds no complete checkpoint.*drop "
+                                         "resume_from to train from step 0, or pass resume_from=<a checkpoint"):
         Trainer(TinyClassifier(dropout=0.3), args(killed, save_steps=12), DATA).train(resume_from=True)
-    assert any("no complete checkpoint" in r.getMessage() and "step 0" in r.getMessage() for r in caplog.records)
+    assert (killed / "metrics.jsonl").read_bytes() == logged  # nothing was trained or rewritten
+
+
+def test_without_resume_a_run_whose_checkpoints_were_deleted_starts_over(reference, killed):
+    shutil.rmtree(killed / "checkpoints")
+    Trainer(TinyClassifier(dropout=0.3), args(killed, save_steps=12), DATA).train()
     assert losses(killed) == reference[0]  # the old records were dropped, not duplicated
 
 

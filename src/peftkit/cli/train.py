@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from peftkit.train import Trainer, distributed, seed_everything
-from peftkit.train.checkpoint import atomic_dir, atomic_write_text
+from peftkit.train.checkpoint import atomic_dir, atomic_write_text, list_checkpoints
 
 from . import common
 from .errors import UserError, did_you_mean
@@ -335,11 +335,21 @@ def print_outcome(out: dict, run_dir: Path) -> None:
     report(f"run folder: {run_dir}")
 
 
+def check_has_checkpoint(run_dir: Path) -> None:
+    """--resume of a run that stopped before its first checkpoint: refuse, before loading anything."""
+    if not list_checkpoints(run_dir / "checkpoints"):
+        raise UserError(f"{str(run_dir)!r} holds no checkpoint to resume from (the run stopped before its first "
+                        f"save); drop --resume and start it again: peftkit train --config "
+                        f"{run_dir / common.RUN_CONFIG} (a new run folder; delete {str(run_dir)!r} if unwanted)")
+
+
 def run(argv: list[str]) -> int:
     cfg, resume_dir = parse(argv)
     if resume_dir is not None and (resume_dir / SUMMARY).is_file():
         report(f"{resume_dir} already finished; its results are in {resume_dir / SUMMARY}")
         return 0
+    if resume_dir is not None:
+        check_has_checkpoint(resume_dir)
     with distributed.distributed_session(cfg.training.device):
         run_job(cfg, resume_dir)
     return 0

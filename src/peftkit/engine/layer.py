@@ -18,13 +18,15 @@ adapters. The engine only talks to layers through this small contract:
 - ``merge(names, safe)`` / ``unmerge()`` when ``can_merge`` is true; the engine refuses to merge an
   adapter held by a layer whose ``can_merge`` is false (ModulesToSave copies aside).
 - ``active_adapters``, ``merged_adapters``, ``disabled`` and ``batch_adapter_names`` (one adapter
-  name per row for mixed batches, or None), set by the engine.
+  name per row for mixed batches, or None), set by the engine; a layer's forward starts with
+  ``route_forward``, which reads them (base alone when disabled, the mixed path for a mixed batch).
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -98,13 +100,28 @@ class AdapterLayer(nn.Module):
         every merged layer first, so that unmerging a model is all or nothing."""
 
 
-def additive_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """base(x) + sum of ``layer.delta(x, name)`` over its unmerged active adapters (LoRA, AdaLoRA);
-    the base alone when disabled; each row with its own adapter in a mixed batch."""
+def route_forward(layer: AdapterLayer, own: Callable[..., Any], mixed: Callable[..., Any], x: torch.Tensor,
+                  args: tuple, kwargs: dict) -> Any:
+    """The start every layer's forward shares: the base alone while adapters are disabled;
+    ``mixed(x, *args, **kwargs)`` for a mixed batch (refused while an adapter is merged: rows that
+    use another adapter or none cannot take it out); else ``own(x, *args, **kwargs)``, the layer's
+    math over its unmerged active adapters."""
     if layer.disabled:
         return layer.base_layer(x, *args, **kwargs)
     if layer.batch_adapter_names is not None:
-        return additive_mixed_forward(layer, x, *args, **kwargs)
+        if layer.merged:
+            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        return mixed(x, *args, **kwargs)
+    return own(x, *args, **kwargs)
+
+
+def additive_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """base(x) + sum of ``layer.delta(x, name)`` over its unmerged active adapters (LoRA, AdaLoRA);
+    the base alone when disabled; each row with its own adapter in a mixed batch."""
+    return route_forward(layer, partial(additive_sum, layer), partial(additive_mixed_forward, layer), x, args, kwargs)
+
+
+def additive_sum(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     result = layer.base_layer(x, *args, **kwargs)
     for name in layer.unmerged_active():
         result = result + layer.delta(x, name).to(result.dtype)
@@ -113,8 +130,6 @@ def additive_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs:
 
 def additive_mixed_forward(layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Each row uses its own adapter (or none): equal to running the rows one by one."""
-    if layer.merged:
-        raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
     result = layer.base_layer(x, *args, **kwargs)
     for name, rows in rows_by_adapter(layer.batch_adapter_names, x.shape[0]).items():
         if name != BASE and name in layer.adapter_names():

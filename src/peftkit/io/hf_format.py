@@ -34,11 +34,15 @@ def adapter_tensor_map(adapter_model: Any, name: str, saved: bool = False) -> di
     for key, layer in adapter_model.adapter_layers():
         if name in layer.adapter_names():
             tensors = layer.saved_tensors(name) if saved else layer.adapter_tensors(name)
-            for local, tensor in tensors.items():
-                found[local if layer.top_level_keys else f"{prefix}{key}.{local}"] = tensor
+            found.update({file_key(prefix, key, layer, local): tensor for local, tensor in tensors.items()})
     for key, param in adapter_model.bias_parameters(name).items():
         found[prefix + key] = param
     return found
+
+
+def file_key(prefix: str, key: str, layer: Any, local: str) -> str:
+    """The file key of tensor ``local`` of the layer at module ``key``."""
+    return local if layer.top_level_keys else f"{prefix}{key}.{local}"
 
 
 def to_hf_state_dict(adapter_model: Any, name: str) -> dict[str, torch.Tensor]:
@@ -128,7 +132,9 @@ def load_state(adapter_model: Any, name: str, state: dict[str, torch.Tensor], st
     problems = _shape_problems(state, {**base, **expected}) + _dtype_problems(state, {**base, **expected})
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if extra or problems or (strict and (missing or nonfinite)):
-        raise ValueError(_mismatch_message(adapter_model, name, missing, extra, problems, nonfinite))
+        misfits = set(missing) | {k for k, _ in problems if k in expected}  # the adapter's own tensors that do not fit
+        raise ValueError(_mismatch_message(adapter_model, name, missing, extra, [m for _, m in problems], nonfinite,
+                                           misfits))
     with torch.no_grad():
         for key, value in state.items():
             (expected.get(key) if key in expected else base[key]).copy_(value)
@@ -158,28 +164,30 @@ def live_form(adapter_model: Any, name: str, state: dict[str, torch.Tensor]) -> 
     return state
 
 
-def _shape_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[str]:
-    return [f"{k}: file has shape {tuple(v.shape)}, model has {tuple(live[k].shape)}"
+def _shape_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(key, what is wrong) for each tensor of the file whose shape the model's does not match."""
+    return [(k, f"{k}: file has shape {tuple(v.shape)}, model has {tuple(live[k].shape)}")
             for k, v in state.items() if k in live and tuple(v.shape) != tuple(live[k].shape)]
 
 
-def _dtype_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[str]:
-    """Values the model cannot hold: integer or boolean tensors for floating-point weights (a cast
-    would load them silently), complex ones anywhere. Another float width (bf16 files) is fine."""
-    return [f"{k}: file has dtype {str(v.dtype).removeprefix('torch.')}, model has "
-            f"{str(live[k].dtype).removeprefix('torch.')}" for k, v in state.items()
+def _dtype_problems(state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(key, what is wrong) for values the model cannot hold: integer or boolean tensors for
+    floating-point weights (a cast would load them silently), complex ones anywhere. Another float
+    width (bf16 files) is fine."""
+    return [(k, f"{k}: file has dtype {str(v.dtype).removeprefix('torch.')}, model has "
+                f"{str(live[k].dtype).removeprefix('torch.')}") for k, v in state.items()
             if k in live and (v.is_floating_point() != live[k].is_floating_point() or v.is_complex())]
 
 
 def _mismatch_message(adapter_model: Any, name: str, missing: list[str], extra: list[str],
-                      problems: list[str], nonfinite: list[str] = ()) -> str:
+                      problems: list[str], nonfinite: list[str] = (), misfits: set[str] = frozenset()) -> str:
     base = getattr(adapter_model.peft_config.get(name), "base_model_name_or_path", None)
     lines = [f"adapter {name!r} does not fit this model (adapter trained on base model {base!r}):"]
     for label, items in (("shape or dtype mismatch", problems), ("missing from the file", missing),
                          ("in the file but not in the model", extra), ("NaN or infinite values", nonfinite)):
         if items:
             lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
-    fix = _method_fix(adapter_model.peft_config.get(name))
+    fix = _method_fix(adapter_model, name, misfits)
     if nonfinite and not (missing or extra or problems):
         fix = ("the adapter's training diverged or the file is damaged: load an earlier checkpoint or retrain "
                "(strict=False loads it anyway, with a warning)")
@@ -187,9 +195,39 @@ def _mismatch_message(adapter_model: Any, name: str, missing: list[str], extra: 
     return "\n".join(lines)
 
 
-def _method_fix(config: Any) -> str:
-    hook = method_for_config(config).load_fix if config is not None else None
-    return (hook(config) if hook else None) or "load it onto the base model it was trained on, with the same config"
+def _method_fix(adapter_model: Any, name: str, misfits: set[str]) -> str:
+    """The method's own fix (``MethodSpec.load_fix``); for a composite adapter, that of each part
+    whose tensors do not fit (``misfits``: missing, or of the wrong shape); else the generic one."""
+    config = adapter_model.peft_config.get(name)
+    parts = adapter_model.parts.get(name, [])
+    if config is None or not any(part is not None for _, part in parts):
+        hook = method_for_config(config).load_fix if config is not None else None
+        fix = hook(config) if hook else None
+    else:
+        fixes = [_part_fix(config, spec, part) for spec, part in parts
+                 if spec.load_fix is not None and _part_keys(adapter_model, name, spec) & misfits]
+        fix = "; ".join(f for f in fixes if f) or None
+    return fix or "load it onto the base model it was trained on, with the same config"
+
+
+def _part_keys(adapter_model: Any, name: str, spec: Any) -> set[str]:
+    """The file keys of adapter ``name``'s tensors held by the layers of composite part ``spec``."""
+    prefix = method_for_config(adapter_model.peft_config[name]).file_prefix
+    wrappers = tuple(rule.wrapper for rule in spec.layer_rules)
+    return {file_key(prefix, key, layer, local) for key, layer in adapter_model.adapter_layers()
+            if type(layer) in wrappers and name in layer.adapter_names() for local in layer.adapter_tensors(name)}
+
+
+def _part_fix(config: Any, spec: Any, part: Any) -> str | None:
+    """A part's ``load_fix``, followed by where the composite keeps that part's options."""
+    fix = spec.load_fix(part)
+    field = next((f for f, (cls, _, _) in config.part_types().items() if isinstance(part, cls)), None)
+    if fix is None or field is None:
+        return fix
+    composite = type(config).__name__
+    return (f"its {field} part: {fix}. In this {composite} adapter, set such {type(part).__name__} options in "
+            f"its {field} dict instead: config = {composite}.from_pretrained(folder); config.{field}[OPTION] = VALUE; "
+            "PeftModel.from_pretrained(base, folder, config=config, ...)")
 
 
 def write_model_card(folder: str | os.PathLike, config: Any) -> None:

@@ -335,8 +335,9 @@ class Trainer:
             self.resumed_batch(self._readable_checkpoint(candidates)[1])
 
     def _resume_candidates(self, resume_from: str | Path | bool | None) -> list[Path]:
-        """Checkpoints to resume from, newest first; empty: start at step 0 (said in a warning when
-        resume_from=True finds none, an error when a path was given)."""
+        """Checkpoints to resume from, newest first; empty: start at step 0 (no resume_from). Asked to
+        resume, finding none is an error (as in transformers' Trainer): a silent restart would redo
+        the run and overwrite its log."""
         if not resume_from:
             return []
         if resume_from is True:
@@ -344,7 +345,9 @@ class Trainer:
                 raise ValueError("resume_from=True needs TrainingArguments.output_dir")
             found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
             if not found:
-                logger.warning("no complete checkpoint in %s: training starts from step 0", self.output_dir / "checkpoints")
+                raise ValueError(f"resume_from=True, but the output directory {str(self.output_dir)!r} holds no complete "
+                                 f"checkpoint (no checkpoints/{ckpt.PREFIX}* folder with {ckpt.STATE_FILE}); drop "
+                                 "resume_from to train from step 0, or pass resume_from=<a checkpoint folder>")
             return found[::-1]
         path = Path(resume_from)
         if (path / ckpt.STATE_FILE).is_file():

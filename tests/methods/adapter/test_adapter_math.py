@@ -207,7 +207,7 @@ def test_merging_is_refused_and_changes_nothing():
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("placement", "middle", "'houlsby' or 'pfeiffer'"), ("non_linearity", "swish", "relu"),
-    ("reduction_factor", 0, ">= 1"), ("bottleneck_size", 2.5, ">= 1"), ("scaling", "big", "a number"),
+    ("reduction_factor", 0, ">= 1"), ("bottleneck_size", 2.5, "int or None"), ("scaling", "big", "float"),
     ("adapter_drop", [-1], "block indices"), ("adapter_drop_lowest", -2, ">= 0"),
     ("adapter_drop_mode", "never", "both"),
 ])

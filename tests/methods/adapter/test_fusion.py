@@ -285,7 +285,7 @@ def test_adapter_drop_leaves_dropped_members_out_of_the_softmax():
     ("adapter_names", ["a"], "at least two"), ("adapter_names", ["a", "a"], "distinct"),
     ("temperature", 0, "> 0"), ("temperature_start", -1.0, "None or a number > 0"),
     ("anneal_steps", 0, "when temperature_start is set"), ("init_std", 0.0, "> 0"),
-    ("value_noise", -1e-3, ">= 0"), ("use_bias", "yes", "True or False"), ("value_regularization", -1, ">= 0"),
+    ("value_noise", -1e-3, ">= 0"), ("use_bias", "yes", "bool"), ("value_regularization", -1, ">= 0"),
 ])
 def test_bad_config_values_name_the_field_and_what_is_allowed(field, value, allowed):
     kwargs = {"adapter_names": ["a", "b"], field: value}

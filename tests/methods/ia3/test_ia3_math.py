@@ -233,7 +233,7 @@ def test_random_init_is_standard_normal():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(target_modules=["k", "v"], feedforward_modules=["wo"]), r"feedforward_modules=\['wo'\].*subset.*not in it: \['wo'\]"),
-    (dict(target_modules=["k"], feedforward_modules=[1]), "feedforward_modules=.*regex"),
+    (dict(target_modules=["k"], feedforward_modules=[1]), r"feedforward_modules=\[1\] is invalid: expected list\[str\] or str"),
     (dict(target_modules=["k"], feedforward_modules=[], init_ia3_weights="yes"), "init_ia3_weights="),
     (dict(target_modules=["k"], feedforward_modules=[], task_type="CLS"), "task_type="),
 ])

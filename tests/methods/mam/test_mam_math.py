@@ -189,7 +189,7 @@ def test_parallel_targets_per_architecture():
     (dict(parallel_adapter={"placement": "pfeiffer"}), r"parallel_adapter\['placement'\]='pfeiffer' is invalid"),
     (dict(parallel_adapter={"scaling": "big"}), r"parallel_adapter: scaling='big' is invalid"),
     (dict(prefix_tuning={"task_type": "CAUSAL_LM"}), r"task_type, inference_mode and modules_to_save are set on"),
-    (dict(prefix_tuning=[30]), r"prefix_tuning=\[30\] is invalid: expected a dict of PrefixTuningConfig options"),
+    (dict(prefix_tuning=[30]), r"prefix_tuning=\[30\] is invalid: expected dict or None"),
 ])
 def test_bad_part_options_fail_on_construction_naming_the_part(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -92,6 +92,30 @@ def test_prefix_gate_scales_each_layers_prefix_values_by_its_mean_input_as_compu
         assert not torch.allclose(g, torch.ones_like(g))
 
 
+@pytest.mark.parametrize("family, attention", [("llama", "sdpa"), ("llama", "eager"), ("bert", "sdpa"),
+                                               ("bert", "eager"), ("gpt2", "sdpa")])
+def test_prefix_gate_mean_skips_padding_so_a_padded_batch_gets_the_same_gates(family, attention):
+    """The prefix gate's mean runs over real tokens only: the same rows, right-padded with other
+    tokens, give the same gate in every layer (read from the mask the attention module is given:
+    boolean under sdpa, additive under eager, absent for BERT without padding)."""
+    builder, _, task = FAMILIES[family]
+    base = builder(0)
+    base.set_attn_implementation(attention)
+    model = get_peft_model(base, UniPeltConfig(task_type=task, prefix_tuning={"num_virtual_tokens": P}))
+    gates = {}
+    for key, layer in layers(model, PrefixGateLayer).items():
+        layer.prefix_gate["default"].register_forward_hook(
+            lambda m, args, out, k=key: gates.setdefault(k, []).append(torch.sigmoid(out)))
+    plain = model_inputs(batch=2, length=4)
+    padded = {"input_ids": torch.cat([plain["input_ids"], torch.tensor([[5, 9], [63, 1]])], dim=1),
+              "attention_mask": torch.cat([plain["attention_mask"], torch.zeros(2, 2, dtype=torch.long)], dim=1)}
+    logits(model, plain), logits(model, padded)
+    assert len(gates) == 2
+    for key, (alone, with_padding) in gates.items():
+        assert alone.shape == (2, 1)
+        torch.testing.assert_close(with_padding, alone, atol=1e-5, rtol=1e-5, msg=key)
+
+
 # -- gates at 1, and no gates, are the plain methods -----------------------------------------------
 def plain_methods(family, source):
     """The base with plain LoRA, prefix and adapter adapters, all active, holding ``source``'s parts' tensors."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, rows_by_adapter
+from peftkit.engine.layer import BASE, AdapterLayer, linear_layout, route_forward, rows_by_adapter
 from peftkit.engine.targets import layer_index
 from peftkit.methods.adapter.config import BottleneckConfig
 from peftkit.methods.adapter.fusion import FusionAttention
@@ -157,11 +157,10 @@ class BottleneckLayer(AdapterLayer):
         return [n for n in active if n not in fused]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return route_forward(self, self.active_forward, self.mixed_forward, x, args, kwargs)
+
+    def active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return h
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(h)
         result = h
         for name in self.plain_active():
             delta = self.contribution(h, name)
@@ -169,8 +168,9 @@ class BottleneckLayer(AdapterLayer):
                 result = result + delta
         return result
 
-    def mixed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Each row of h (batch, ..., d) gets its own adapter or fusion (or none), as if run alone."""
+    def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row of h = base(x) (batch, ..., d) gets its own adapter or fusion (or none), as if run alone."""
+        h = self.base_layer(x, *args, **kwargs)
         result = h
         for name, rows in rows_by_adapter(self.batch_adapter_names, h.shape[0]).items():
             if name == BASE or name not in self.adapter_names():

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.engine.layer import BASE, merge_into, rows_by_adapter
+from peftkit.engine.layer import BASE, merge_into, route_forward, rows_by_adapter
 from peftkit.kernels.lora_linear import lora_linear
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layer import LoraLinear
@@ -124,10 +124,9 @@ class DoraLinear(LoraLinear):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(x, *args, **kwargs)
+        return route_forward(self, self.active_forward, self.mixed_forward, x, args, kwargs)
+
+    def active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self.unmerged_active()
         if len(names) == 1 and not self.merged_adapters and not self.dropping(names[0]):
             return self.rescaled_forward(x, names[0])
@@ -163,8 +162,6 @@ class DoraLinear(LoraLinear):
 
     def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row uses its own adapter (or none): equal to running the rows one by one."""
-        if self.merged:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         result = self.base_layer(x, *args, **kwargs)
         base0 = self.without_bias(result)
         for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.engine.layer import (BASE, AdapterLayer, check_finite, linear_layout, rows_by_adapter,
-                                  sync_fan_in_fan_out)
+from peftkit.engine.layer import (BASE, AdapterLayer, check_finite, linear_layout, route_forward,
+                                  rows_by_adapter, sync_fan_in_fan_out)
 from peftkit.methods.ia3.config import IA3Config
 
 MIN_UNMERGE = 1e-6  # below this |l|, dividing a merged weight by l cannot give the base back
@@ -60,10 +60,9 @@ class IA3Layer(AdapterLayer):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(x, *args, **kwargs)
+        return route_forward(self, self.active_forward, self.mixed_forward, x, args, kwargs)
+
+    def active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self.unmerged_active()
         inputs = self.product([n for n in names if self.is_feedforward[n]])
         outputs = self.product([n for n in names if not self.is_feedforward[n]])
@@ -85,8 +84,6 @@ class IA3Layer(AdapterLayer):
 
     def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row uses its own adapter (or none): equal to running the rows one by one."""
-        if self.merged:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         groups = [(n, rows.to(x.device)) for n, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items()
                   if n != BASE and n in self.ia3_l]
         scaled = x

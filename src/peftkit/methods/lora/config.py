@@ -62,6 +62,8 @@ class LoraConfig(TargetingConfig):
 
     def __post_init__(self) -> None:
         self.peft_type = "LORA"
+        if isinstance(self.loftq_config, LoftQConfig):  # stored as a dict, as HF does (and as the field is typed)
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         super().__post_init__()
         check_field(isinstance(self.r, int) and self.r > 0, "r", self.r, "an integer > 0")
         check_field(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a number > 0")
@@ -75,8 +77,6 @@ class LoraConfig(TargetingConfig):
     def _check_weight_init(self) -> None:
         """LoftQ options only with 'loftq' (dropped with a warning otherwise, as HF does); no DoRA on
         an initialisation that rewrites the base weight."""
-        if isinstance(self.loftq_config, LoftQConfig):
-            self.loftq_config = dataclasses.asdict(self.loftq_config)
         if self.init_lora_weights == "loftq":
             check_field(bool(self.loftq_config), "loftq_config", self.loftq_config,
                         "LoftQ options with init_lora_weights='loftq', e.g. loftq_config=LoftQConfig(loftq_bits=4) "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from peftkit.engine.layer import BASE, AdapterLayer, merge_into, rows_by_adapter
+from peftkit.engine.layer import BASE, AdapterLayer, merge_into, route_forward, rows_by_adapter
 from peftkit.methods.partial.config import PartialConfig
 
 INIT_STD = 0.02  # std of a non-identity initialisation (tests)
@@ -56,10 +56,9 @@ class PartialLayer(AdapterLayer):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self.mixed_forward(x, *args, **kwargs)
+        return route_forward(self, self.active_forward, self.mixed_forward, x, args, kwargs)
+
+    def active_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.run(self.unmerged_active(), x, *args, **kwargs)
 
     def run(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -78,8 +77,6 @@ class PartialLayer(AdapterLayer):
 
     def mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row uses its own adapter (or none): equal to running the rows one by one."""
-        if self.merged:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         out = self.base_layer(x, *args, **kwargs)
         for name, rows in rows_by_adapter(self.batch_adapter_names, x.shape[0]).items():
             if name != BASE and name in self.partial_delta:

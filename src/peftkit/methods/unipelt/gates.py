@@ -4,7 +4,7 @@ Language Model Tuning"). Each part is its plain method scaled by a learned gate 
     LoRA      h  = W0 x + G_L(x) * s B A x,                   G_L(x) = sigmoid(W_L x + b_L)   per token
     adapter   h' = h + G_A(h) * s up(act(down(h))),           G_A(h) = sigmoid(W_A h + b_A)   per token
     prefix    attn_l = softmax(q [Pk_l ; K]^T / sqrt(hd)) [G_P Pv_l ; V],
-              G_P = sigmoid(W_P mean_t(x_t) + b_P)            per example and layer
+              G_P = sigmoid(W_P mean_t(x_t) + b_P)            per example and layer, t over real tokens
 
 W_L (1 x in), W_A (1 x d), W_P (1 x d) and the biases train with the parts (nn.Linear's init); the
 base stays frozen. With a gate at 1 each part is exactly its plain method (methods/lora, adapter,
@@ -18,10 +18,19 @@ GPT-2 and BERT attentions are) and, at call time, before the attention runs, res
 values its layer holds in the cache: ``values <- G_P * Pv_l``. The cache's layer holds exactly the
 p prefix positions then; a cache that holds more (generate's later steps, or a cache an earlier call
 returned) was gated when it was filled, so the gate reads the tokens of the call that fills the
-cache (the prompt, when generating). The mean runs over all n positions, padding included.
+cache (the prompt, when generating).
+
+The mean runs over the real tokens only: padding is read from the attention mask the model hands
+the attention module (transformers 5 builds it from the 2D padding mask, widened by the prefix):
+a (b, 1 or H, n, p + n) mask, boolean (True: attend) or additive (0: attend, a large negative:
+masked), or the 2D (b, p + n) mask itself under flash attention. Key position j is a real token
+when some query attends to it (each real token attends to itself); the last n key positions are
+this call's tokens. No mask (BERT without padding) means every position is real; a mask of another
+kind (flex attention's BlockMask) cannot be read, and then every position counts, padding included.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -125,6 +134,35 @@ def attention_keys(model: nn.Module, config: Any) -> list[str]:
     return keys
 
 
+@functools.cache
+def forward_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.forward`` without ``self``: finds an argument however it was passed."""
+    signature = inspect.signature(cls.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def real_tokens(mask: Any, n: int) -> torch.Tensor | None:
+    """(b, n) bool, True at the real tokens of the n this attention call runs over, read from the
+    mask the model passes the attention module (the forms are in the module docstring); None: all."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4) or mask.shape[-1] < n:
+        return None
+    if mask.dim() == 2:  # flash attention: the 2D padding mask, (b, p + n)
+        return mask[:, -n:].bool()
+    if mask.is_floating_point():
+        seen = mask > torch.finfo(mask.dtype).min / 2  # additive: 0 attend, min or -inf masked
+    else:
+        seen = mask.bool()  # (b, 1 or H, n, p + n), True: attend
+    return seen.any(dim=2).any(dim=1)[:, -n:]  # key j is real when some query attends to it
+
+
+def token_mean(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """(b, n, d) -> (b, d): the mean over each row's real tokens (all n when ``real`` is None)."""
+    if real is None:
+        return hidden.mean(dim=1)
+    weight = real.to(hidden.dtype).expand(hidden.shape[0], -1)[..., None]  # (b, n, 1)
+    return (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1)
+
+
 class PrefixGateLayer(AdapterLayer):
     """G_P around one attention module: gates the prefix values of its layer in the cache (above)."""
 
@@ -159,12 +197,14 @@ class PrefixGateLayer(AdapterLayer):
         own = [] if self.disabled else self.unmerged_active()  # at most one: prefixes cannot stack
         cache = kwargs.get("past_key_values")
         if own and cache is not None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (b, n, d)
-            self.gate_prefix(cache, hidden, own[0])
+            given = forward_signature(type(self.base_layer)).bind_partial(*args, **kwargs).arguments
+            hidden = given["hidden_states"] if "hidden_states" in given else args[0]  # (b, n, d)
+            self.gate_prefix(cache, hidden, own[0], real_tokens(given.get("attention_mask"), hidden.shape[1]))
         return self.base_layer(*args, **kwargs)
 
-    def gate_prefix(self, cache: Any, hidden: torch.Tensor, name: str) -> None:
-        """values <- G_P * values for this layer's cache when it holds just the p prefix positions."""
+    def gate_prefix(self, cache: Any, hidden: torch.Tensor, name: str, real: torch.Tensor | None = None) -> None:
+        """values <- G_P * values for this layer's cache when it holds just the p prefix positions;
+        ``real`` (b, n) marks the tokens the mean runs over (None: all)."""
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         if self.base_layer.layer_idx >= len(cache.layers):
@@ -173,5 +213,5 @@ class PrefixGateLayer(AdapterLayer):
         values = getattr(layer, "values", None)  # (b, H, p, hd) when just filled with the prefix
         if values is None or values.dim() != 4 or values.shape[-2] != self.virtual_tokens[name]:
             return
-        g = gate(self.prefix_gate[name], hidden.mean(dim=1))  # (b, 1)
+        g = gate(self.prefix_gate[name], token_mean(hidden, real))  # (b, 1)
         layer.values = values * g[:, :, None, None].to(values.dtype)  # (b, 1, 1, 1) * (b, H, p, hd)
