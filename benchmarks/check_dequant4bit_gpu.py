@@ -4,8 +4,12 @@
     TRITON_INTERPRET=1 python benchmarks/check_dequant4bit_gpu.py --small --device cpu
 
 For NF4 and FP4, with and without double quantization, in fp32, bf16 and fp16: the kernel's output
-must equal the reference's bit for bit (both compute q * absmax in fp32 and round once). It also
-checks a Linear4bit forward/backward against the reference path; on CUDA it prints median times.
+must equal the reference's bit for bit (both compute q * absmax in fp32 and round once), and the
+double-quantized constants decoded on the device (bitsandbytes' dynamic 8-bit map: one gather, one
+product, one sum) must equal their CPU decoding. It also checks a Linear4bit forward/backward
+against the reference path, and that the checkpoint written by bitsandbytes in
+tests/data/bnb4bit/tiny_llama_nf4 dequantizes on the device to bitsandbytes' own output; on CUDA it
+prints median times.
 Prints one line per case and "ALL OK" at the end; exits 1 on any mismatch.
 """
 
@@ -22,6 +26,8 @@ from peftkit.kernels import dequant4bit
 from peftkit.kernels.backend import use_triton
 from peftkit.quant import nf4
 from peftkit.quant.linear4bit import Linear4bit
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "bnb4bit")
 
 
 def time_ms(fn, reps=20):
@@ -44,7 +50,7 @@ def check_dequant(shape, device, quant_type, double_quant, dtype) -> bool:
     packed, state = nf4.quantize_4bit(w, quant_type, 64, double_quant)
     got = dequant4bit.dequantize_4bit_triton(packed, state, dtype)
     want = nf4.dequantize_4bit(packed, state, dtype)
-    same = torch.equal(got, want)
+    same = torch.equal(got, want) and torch.equal(nf4.absmax_of(state).cpu(), nf4.absmax_of(state.to("cpu")))
     t_fast = time_ms(lambda: dequant4bit.dequantize_4bit_triton(packed, state, dtype))
     t_ref = time_ms(lambda: nf4.dequantize_4bit(packed, state, dtype))
     print(f"dequant {quant_type} dq={int(double_quant)} {str(dtype):15s} {shape}: bit-identical={same} "
@@ -68,6 +74,19 @@ def check_linear(device, dtype) -> bool:
     return same
 
 
+def check_bnb_checkpoint(device) -> bool:
+    from safetensors.torch import load_file
+
+    from peftkit.quant import load_quantized_model
+
+    model = load_quantized_model(os.path.join(FIXTURE, "tiny_llama_nf4")).to(device)
+    reference = load_file(os.path.join(FIXTURE, "tiny_llama_nf4_reference.safetensors"))
+    same = all(torch.equal(dequant4bit.dequantize_4bit_triton(m.weight, m.quant_state(), torch.float16).cpu(),
+                           reference[name]) for name, m in model.named_modules() if isinstance(m, Linear4bit))
+    print(f"bitsandbytes checkpoint (nf4, double quant, fp16): triton == bitsandbytes: {same}")
+    return same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="small shapes (for the CPU interpreter)")
@@ -84,6 +103,7 @@ def main() -> int:
     ok = all([check_dequant(s, args.device, qt, dq, dt) for s in shapes for qt in ("nf4", "fp4")
               for dq in (False, True) for dt in dtypes])
     ok = all([check_linear(args.device, dt) for dt in dtypes]) and ok
+    ok = check_bnb_checkpoint(args.device) and ok
     print("ALL OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -158,3 +158,16 @@ def test_auto_mapping_imports_only_allowed_libraries(tmp_path):
         warnings.simplefilter("ignore")
         loaded = peftkit.AutoPeftModel.from_pretrained(tmp_path / "adapter")
     assert type(loaded.get_base_model()).__name__ == "LlamaForCausalLM"
+
+
+def test_adapter_on_a_4bit_bitsandbytes_base_loads_onto_it_as_stored(tmp_path):
+    from peftkit.quant import QuantConfig, load_quantized_model, quantize_model, save_quantized_model
+
+    save_quantized_model(quantize_model(tiny_llama(), QuantConfig(bnb_4bit_use_double_quant=True)), tmp_path / "base")
+    model = save_adapter(peftkit, load_quantized_model(tmp_path / "base"), tmp_path / "adapter",
+                         base_model_name_or_path=str(tmp_path / "base"), task_type="CAUSAL_LM")
+    loaded = peftkit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    inputs = model_inputs()
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    with pytest.raises(ValueError, match="takes dtype only; drop \\['num_labels'\\]"):
+        peftkit.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", num_labels=3)

@@ -51,7 +51,7 @@ class _AutoPeftBase:
         base_dir = base_folder(raw.get("base_model_name_or_path"), adapter_dir)
         options = {k: kwargs.pop(k) for k in ADAPTER_OPTIONS if k in kwargs}
         base_class = cls._base_class(raw, base_dir, import_allowlist)
-        base = base_class.from_pretrained(str(base_dir), **{"local_files_only": True, **kwargs})
+        base = load_base(base_class, base_dir, kwargs)
         resize_to_tokenizer(base, adapter_dir)
         wrapper = TASK_CLASSES.get(task_type, PeftModel)
         return wrapper.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name,
@@ -85,6 +85,21 @@ class _AutoPeftBase:
         raise ValueError(f"cannot tell which class loads the base model in {base_dir}: the adapter config has no "
                          "task_type or auto_mapping and the base's config.json names no transformers architecture; "
                          "load the base yourself and call PeftModel.from_pretrained(base, adapter_dir)")
+
+
+def load_base(base_class: Any, base_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """``base_class.from_pretrained``, or for a 4-bit bitsandbytes checkpoint peftkit's own loader
+    (transformers would need bitsandbytes), which takes ``dtype`` only."""
+    from peftkit.quant.checkpoint import bnb_quantization_config, load_quantized_model
+
+    if bnb_quantization_config(base_dir) is None:
+        return base_class.from_pretrained(str(base_dir), **{"local_files_only": True, **kwargs})
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    kwargs.pop("local_files_only", None)
+    if kwargs:
+        raise ValueError(f"the base {base_dir} is a 4-bit bitsandbytes checkpoint, loaded by "
+                         f"peftkit.quant.load_quantized_model, which takes dtype only; drop {sorted(kwargs)}")
+    return load_quantized_model(base_dir, None if dtype in (None, "auto") else dtype, base_class)
 
 
 def base_folder(path: str | None, adapter_dir: Path) -> Path:

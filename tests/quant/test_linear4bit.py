@@ -27,7 +27,7 @@ def test_weight_is_stored_as_packed_4bit_codes():
     assert not layer.weight.requires_grad
     stored = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
     full = sum(t.numel() * t.element_size() for t in dense.parameters())
-    assert stored < full / 6  # fp32 weight 9240 bytes; codes 1155 + int8 absmax 37 + constants + bias 132
+    assert stored < full / 6  # fp32 weight 9240 bytes; codes 1155 + uint8 absmax 37 + constants + bias 132
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -88,7 +88,7 @@ def test_state_dict_round_trip_and_device_move():
     other.load_state_dict(layer.state_dict())
     x = torch.randn(2, 70)
     assert torch.equal(other(x), layer(x))
-    assert set(layer.state_dict()) == {"weight", "bias", "absmax", "absmax_step", "absmax_offset"}
+    assert set(layer.state_dict()) == {"weight", "bias", "absmax", "nested_absmax", "nested_offset"}
     assert torch.equal(layer.to("cpu")(x), other(x))
 
 

@@ -22,7 +22,7 @@ def test_round_trip_error_is_at_most_half_a_code_gap_times_the_block_absmax(quan
     flat = w.flatten()
     absmax = torch.stack([b.abs().max() for b in flat.split(64)])  # direct, block by block
     torch.testing.assert_close(state.absmax, absmax, atol=0, rtol=0)
-    gap = nf4.code_table(quant_type).diff().max()
+    gap = nf4.code_table(quant_type).sort().values.diff().max()  # FP4's table is in bit-pattern order
     bound = (absmax * gap / 2).repeat_interleave(64)[: flat.numel()]
     assert ((back.flatten() - flat).abs() <= bound * (1 + 1e-6)).all()
 
@@ -41,7 +41,7 @@ def test_code_points_times_absmax_reconstruct_exactly(quant_type):
     table = nf4.code_table(quant_type)
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 16, (5, 64), generator=g)
-    idx[:, 0] = 15  # each block holds +1, so its absmax is exactly its scale
+    idx[:, 0] = int(table.argmax())  # each block holds +1, so its absmax is exactly its scale
     scale = torch.rand(5, 1, generator=g) * 4 + 0.1
     w = (table[idx] * scale).flatten()
     packed, state = nf4.quantize_4bit(w, quant_type)
@@ -57,15 +57,23 @@ def test_packing_puts_the_first_value_of_a_pair_in_the_high_nibble():
     assert nf4.quantize_4bit(w)[0].tolist() == [0xF0]
 
 
-def test_double_quant_bounds_the_absmax_error_and_saves_memory():
-    w = torch.randn(1000, 333, generator=torch.Generator().manual_seed(3))  # 5203 blocks: 21 groups, last short
+def test_double_quant_rounds_centred_constants_to_the_nearest_dynamic_code_and_saves_memory():
+    w = torch.randn(1000, 333, generator=torch.Generator().manual_seed(3))  # 5204 blocks: 21 groups, last short
     packed, plain = nf4.quantize_4bit(w)
     packed2, nested = nf4.quantize_4bit(w, double_quant=True)
-    assert torch.equal(packed, packed2) and nested.absmax.dtype == torch.int8
+    assert torch.equal(packed, packed2) and nested.absmax.dtype == torch.uint8
     c = plain.absmax
-    centred = (c - c.mean()).split(nf4.DQ_BLOCK)
-    bound = torch.cat([torch.full_like(g, g.abs().max().item() / 254) for g in centred])
-    assert ((nf4.absmax_of(nested) - c).abs() <= bound * (1 + 1e-5) + 1e-7).all()
+    offset = c.mean()
+    groups = (c - offset).split(nf4.DQ_BLOCK)
+    scale = torch.stack([g.abs().max() for g in groups])  # direct, group by group
+    assert torch.equal(nested.nested.offset, offset) and torch.equal(nested.nested.absmax, scale)
+    normed = torch.cat([g * (1 / s) if len(g) == nf4.DQ_BLOCK else g / s for g, s in zip(groups, scale)])
+    brute = (normed[:, None] - nf4.DYNAMIC[None, :]).abs().argmin(dim=1)  # first (smaller) of equals
+    assert torch.equal(nested.absmax.long(), brute)
+    decoded = nf4.DYNAMIC[nested.absmax.long()] * scale.repeat_interleave(nf4.DQ_BLOCK)[: c.numel()] + offset
+    assert torch.equal(nf4.absmax_of(nested), decoded)
+    half_gap = nf4.DYNAMIC.diff().max() / 2
+    assert ((decoded - c).abs() <= scale.max() * half_gap * (1 + 1e-5)).all()
     err_plain = (nf4.dequantize_4bit(packed, plain) - w).abs().mean()
     err_nested = (nf4.dequantize_4bit(packed2, nested) - w).abs().mean()
     assert err_nested < err_plain * 1.01

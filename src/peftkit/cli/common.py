@@ -88,6 +88,9 @@ def check_head(path: Path, label2id: dict) -> None:
 def load_classifier(path: Path, label2id: dict):
     from transformers import AutoModelForSequenceClassification
 
+    if prequantized(path):
+        raise UserError(f"{str(path)!r} is a 4-bit bitsandbytes checkpoint; peftkit loads those for --task causal-lm "
+                        "only: pass the full-precision model with --quantize nf4 instead")
     check_head(path, label2id)
     id2label = {i: str(label) for label, i in label2id.items()}
     return _loading("model", path, lambda: AutoModelForSequenceClassification.from_pretrained(
@@ -98,7 +101,17 @@ def load_classifier(path: Path, label2id: dict):
 def load_causal_lm(path: Path):
     from transformers import AutoModelForCausalLM
 
+    if prequantized(path):  # saved in 4 bits by transformers + bitsandbytes (or save_quantized_model)
+        from peftkit.quant import load_quantized_model
+
+        return _loading("4-bit model", path, lambda: load_quantized_model(path, torch.float32, AutoModelForCausalLM))
     return _loading("model", path, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+def prequantized(path: Path) -> bool:
+    from peftkit.quant.checkpoint import bnb_quantization_config
+
+    return bnb_quantization_config(path) is not None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -238,9 +251,9 @@ def base_model_of(located: Located, task: str, override: str | None = None) -> P
 
 def quantize_base(model, run: dict | None):
     """Quantize ``model`` as the run with config ``run`` (its config.yaml or resolved options) did."""
-    from peftkit.quant import QuantConfig, quantize_model
+    from peftkit.quant import QuantConfig, is_quantized, quantize_model
 
-    if not run or not run.get("quantize"):
+    if not run or not run.get("quantize") or is_quantized(model):  # loaded from a 4-bit checkpoint
         return model
     precision = (run.get("training") or {}).get("precision", "fp32")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]

@@ -146,12 +146,17 @@ def fill_run_length(cfg: RunConfig, n_train: int) -> None:
 
 
 def quantized_base(base, cfg: RunConfig):
-    """With --quantize: the base's linear layers in 4 bits (only LoRA has a layer for them)."""
-    if cfg.run.quantize is None:
+    """With --quantize: the base's linear layers in 4 bits (only LoRA has a layer for them). A base
+    loaded from a 4-bit checkpoint is used as stored (--quantize changes nothing then)."""
+    from peftkit.quant import is_quantized
+
+    loaded_4bit = is_quantized(base)
+    if cfg.run.quantize is None and not loaded_4bit:
         return base
     if cfg.run.method != "lora":
-        raise UserError(f"--quantize trains LoRA on a 4-bit base (QLoRA); {cfg.run.method} has no 4-bit layer: "
-                        "use --method lora, or drop --quantize")
+        why = "--model is a 4-bit checkpoint" if loaded_4bit else "--quantize quantizes the base to 4 bits"
+        raise UserError(f"{why} (QLoRA); {cfg.run.method} has no 4-bit layer: use --method lora"
+                        + ("" if loaded_4bit else ", or drop --quantize"))
     return common.quantize_base(base, cfg.to_yaml_dict())
 
 

@@ -40,7 +40,8 @@ class Linear4bit(nn.Module):
 
     Build one from a float layer with ``Linear4bit.from_linear``. ``weight`` is the packed uint8
     codes (a frozen parameter, so it moves with ``.to()`` and counts as 2 values per byte);
-    ``absmax`` (and, when double-quantized, ``absmax_step`` / ``absmax_offset``) are buffers.
+    ``absmax`` (and, when double-quantized, ``nested_absmax`` / ``nested_offset``, bitsandbytes'
+    names) are buffers. ``from_quantized`` wraps codes and constants read from a file as they are.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype = torch.float32,
@@ -50,6 +51,7 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.quant_type = compute_dtype, quant_type
         self.double_quant, self.block_size = double_quant, block_size
+        self.nested_block_size = nf4.DQ_BLOCK
         self.weight_dtype = compute_dtype  # dtype of the weight before quantization
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.requantize(torch.zeros(out_features, in_features))
@@ -68,35 +70,56 @@ class Linear4bit(nn.Module):
             new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         return new.to(weight.device)
 
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: nf4.QuantState, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype = torch.float32) -> "Linear4bit":
+        """A layer holding ``packed`` codes and ``state`` as they are (no requantization): W is (out, in)
+        = ``state.shape``."""
+        if len(state.shape) != 2:
+            raise ValueError(f"a Linear4bit weight is 2-D (out, in), got shape {state.shape}")
+        out_features, in_features = state.shape
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.compute_dtype = in_features, out_features, compute_dtype
+        new.quant_type, new.block_size, new.weight_dtype = state.quant_type, state.block_size, state.dtype
+        new.double_quant, new.nested_block_size = state.nested is not None, nf4.DQ_BLOCK
+        new.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        new._store(packed.flatten(), state)
+        return new
+
     # -- the quantized weight --------------------------------------------------------------------
     def requantize(self, weight: torch.Tensor) -> None:
         """Replace the stored codes and constants by those of ``weight`` (out, in)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a Linear4bit of "
                              f"{self.in_features} -> {self.out_features} features")
-        packed, state = nf4.quantize_4bit(weight, self.quant_type, self.block_size, self.double_quant)
+        self._store(*nf4.quantize_4bit(weight, self.quant_type, self.block_size, self.double_quant))
+
+    def _store(self, packed: torch.Tensor, state: nf4.QuantState) -> None:
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("absmax", state.absmax)
         if state.nested is not None:
-            self.register_buffer("absmax_step", state.nested.step)
-            self.register_buffer("absmax_offset", state.nested.offset)
+            self.register_buffer("nested_absmax", state.nested.absmax)
+            self.register_buffer("nested_offset", state.nested.offset)
+            self.nested_block_size = state.nested.block_size
 
     def quant_state(self) -> nf4.QuantState:
         nested = None
         if self.double_quant:
-            nested = nf4.NestedAbsmax(self.absmax_step, self.absmax_offset, self.absmax.numel())
+            nested = nf4.NestedAbsmax(self.nested_absmax, self.nested_offset, self.absmax.numel(),
+                                      self.nested_block_size)
         return nf4.QuantState((self.out_features, self.in_features), self.weight_dtype, self.quant_type,
                               self.block_size, self.absmax, nested)
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of everything that ``requantize`` replaces (for an exact restore)."""
-        names = ("weight", "absmax") + (("absmax_step", "absmax_offset") if self.double_quant else ())
+        names = ("weight", "absmax") + (("nested_absmax", "nested_offset") if self.double_quant else ())
         return {name: getattr(self, name).detach().clone() for name in names}
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
         """Put back tensors from ``quantized_tensors``, bit for bit."""
         self.weight = nn.Parameter(saved["weight"], requires_grad=False)
-        for name in ("absmax", "absmax_step", "absmax_offset"):
+        for name in ("absmax", "nested_absmax", "nested_offset"):
             if name in saved:
                 setattr(self, name, saved[name])
 

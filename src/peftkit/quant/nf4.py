@@ -1,26 +1,39 @@
-"""4-bit NormalFloat (NF4) and FP4 blockwise quantization with double quantization (Dettmers et al., 2023).
+"""4-bit NormalFloat (NF4) and FP4 blockwise quantization with double quantization (Dettmers et al., 2023),
+byte for byte as bitsandbytes stores it.
 
-A weight is cut into blocks of ``block_size`` values (64 by default, flat order, the last block
-padded with zeros). Each block is scaled by its absolute maximum and every value is rounded to the
-nearest of 16 code points in [-1, 1]:
+A weight is cut into blocks of ``block_size`` values (64 by default, flat order, the last block may
+be short). Each block is scaled by its absolute maximum and every value is rounded to the nearest
+of 16 code points in [-1, 1]:
 
-    absmax_b = max_{i in b} |w_i|          code_i = argmin_k |w_i / absmax_b - q_k|
+    absmax_b = max_{i in b} |w_i|          code_i = argmin_k |w_i * (1 / absmax_b) - q_k|
     w_i ~ q[code_i] * absmax_b
 
-NF4's code points are quantiles of N(0, 1) normalised to [-1, 1], 8 positive and 7 negative with an
-exact zero (``nf4_code`` derives them; ``NF4`` holds the published values). Two codes share a byte,
-the first value of each pair in the high nibble: ``byte_j = code_{2j} << 4 | code_{2j+1}``.
+The scaled value is computed as bitsandbytes does (times the fp32 reciprocal; the short last block
+divides instead), and a value exactly halfway between two code points takes the smaller one, so the
+codes equal bitsandbytes' own. NF4's code points are quantiles of N(0, 1) normalised to [-1, 1],
+8 positive and 7 negative with an exact zero (``nf4_code`` derives them; ``NF4`` holds the published
+values). Two codes share a byte, the first value of each pair in the high nibble:
+``byte_j = code_{2j} << 4 | code_{2j+1}``.
 
-Double quantization stores the fp32 absmax constants themselves in 8 bits: subtract their mean,
-cut them into blocks of 256 and round each to ``round(127 * (c - mean) / s_g)`` with one fp32
-``s_g = max |c - mean|`` per block g, so |c_dequant - c| <= s_g / 254. Memory per weight: 4 + 32/64
-= 4.5 bits plainly, 4 + 8/64 + 32/(64 * 256) ~ 4.127 bits with double quantization.
-(bitsandbytes rounds these constants with its dynamic 8-bit float map; we use a linear int8 code,
-whose error bound is the one above. The NF4 codes, block layout and nibble order are as in the paper.)
+Double quantization stores the fp32 absmax constants themselves in 8 bits: subtract their mean
+(the offset), cut them into groups of 256 and round each to the nearest entry of the signed 8-bit
+dynamic map (``dynamic_map``) after dividing by the group's own absolute maximum s_g:
 
-FP4 (``quant_type="fp4"``) uses the 16 E2M1 floating-point values (a sign bit, then
-{0, 0.5, 1, 1.5, 2, 3, 4, 6}) divided by 6, sorted, so -0 and +0 are codes 7 and 8. Its codes are
-our own numbering, not bitsandbytes' FP4 codes.
+    c ~ dynamic[code_c] * s_g + offset
+
+Memory per weight: 4 + 32/64 = 4.5 bits plainly, 4 + 8/64 + 32/(64 * 256) ~ 4.127 with double
+quantization.
+
+FP4 (``quant_type="fp4"``) is bitsandbytes' 4-bit float: a sign bit (8) over the magnitudes
+{0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 in bit-pattern order, so code 3 is +1 and codes 0 and 8 are +0
+and -0. Tables need not be sorted: every consumer looks codes up (``code_table(t)[code]``).
+
+The 4-bit codes follow bitsandbytes' PyTorch reference (what it runs on CPU; tested equal). Its CUDA
+kernel can differ in rare cases we cannot test here: an all-zero block (CUDA stores code 0, i.e.
+-1 * 0), the short last block (CUDA multiplies by the reciprocal there too) and FP4 values within
+~1e-6 of a midpoint (CUDA's FP4 thresholds are rounded decimals); its NF4 thresholds are exactly our
+float32 midpoints. For the 8-bit constant codes see ``nearest_dynamic``. Reading a file is
+unaffected: its bytes are used as they are.
 """
 from __future__ import annotations
 
@@ -30,7 +43,8 @@ from dataclasses import dataclass, replace
 import torch
 
 QUANT_TYPES = ("nf4", "fp4")
-DQ_BLOCK = 256  # absmax constants per block of the second quantization
+DQ_BLOCK = 256  # absmax constants per group of the second quantization
+_MIN_ABSMAX = 1e-38  # an all-zero block is scaled by 1 / 1e-38 (its values stay 0), as bitsandbytes does
 
 # The NF4 code points as published with the paper (bitsandbytes' table), ascending: code 7 is 0.
 NF4 = torch.tensor([
@@ -39,8 +53,9 @@ NF4 = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ])
-_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-FP4 = torch.cat([-_E2M1.flip(0), _E2M1]) / 6.0  # (16,) ascending, -0 then +0 in the middle
+# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2) in bit-pattern order.
+_FP4_MAGNITUDES = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
+FP4 = torch.cat([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]) / 12.0  # (16,): code 3 is +1, code 8 is -0
 
 
 def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
@@ -57,6 +72,33 @@ def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
     return (values / values.abs().max()).float()
 
 
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers, 2016), ascending, (256,) float32.
+
+    For each decade d = 0..6 it holds 2^d magnitudes 10^(d-6) * m, where m runs over the midpoints
+    of 2^d equal steps of [0.1, 1] (float32), each with both signs; then 0 and 1:
+    2 (1 + 2 + ... + 64) + 2 = 256 values, dense near 0 and coarse near +-1 (the largest negative
+    value is -0.99297, the largest positive 1).
+    """
+    values = [torch.zeros(1), torch.ones(1)]
+    for d in range(7):
+        edges = torch.linspace(0.1, 1, 2**d + 1, dtype=torch.float32)
+        magnitudes = (10.0 ** (d - 6)) * ((edges[:-1] + edges[1:]) / 2)  # (2^d,)
+        values += [magnitudes, -magnitudes]
+    return torch.cat(values).sort().values
+
+
+DYNAMIC = dynamic_map()
+_ON_DEVICE: dict[torch.device, torch.Tensor] = {}  # DYNAMIC already copied to a device
+
+
+def dynamic_table(device: torch.device | str) -> torch.Tensor:
+    device = torch.device(device)
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = DYNAMIC.to(device)
+    return _ON_DEVICE[device]
+
+
 def code_table(quant_type: str) -> torch.Tensor:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -65,11 +107,12 @@ def code_table(quant_type: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class NestedAbsmax:
-    """Double quantization of the absmax constants: c ~ q * step[g] + offset, g = block of 256."""
+    """Double quantization of the absmax constants: c ~ DYNAMIC[code] * absmax[g] + offset, g = group."""
 
-    step: torch.Tensor  # (n_groups,) fp32: s_g / 127
+    absmax: torch.Tensor  # (n_groups,) fp32: max |c - offset| over each group
     offset: torch.Tensor  # () fp32: the mean of the constants
     count: int  # how many constants (the last group may be short)
+    block_size: int = DQ_BLOCK  # constants per group
 
 
 @dataclass(frozen=True)
@@ -80,7 +123,7 @@ class QuantState:
     dtype: torch.dtype  # of the original weight (what ``dequantize_4bit`` returns by default)
     quant_type: str
     block_size: int
-    absmax: torch.Tensor  # (n_blocks,) fp32, or int8 codes when ``nested`` is set
+    absmax: torch.Tensor  # (n_blocks,) fp32, or uint8 codes into DYNAMIC when ``nested`` is set
     nested: NestedAbsmax | None = None
 
     @property
@@ -88,7 +131,7 @@ class QuantState:
         return math.prod(self.shape)
 
     def to(self, device: torch.device | str) -> "QuantState":
-        nested = self.nested and replace(self.nested, step=self.nested.step.to(device),
+        nested = self.nested and replace(self.nested, absmax=self.nested.absmax.to(device),
                                          offset=self.nested.offset.to(device))
         return replace(self, absmax=self.absmax.to(device), nested=nested)
 
@@ -125,9 +168,22 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def nearest_code(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of the ascending ``table``; ties go to the lower entry."""
-    mids = (table[1:] + table[:-1]) / 2
-    return torch.bucketize(values, mids.to(values.device))
+    """Index of the nearest entry of ``table`` (any order); a value exactly halfway between two
+    entries takes the smaller one, and of two equal entries (+0, -0) the first in a stable sort."""
+    order = torch.argsort(table, stable=True)
+    ascending = table[order]
+    mids = (ascending[1:] + ascending[:-1]) / 2  # float32, as bitsandbytes' thresholds
+    return order.to(values.device)[torch.bucketize(values, mids.to(values.device))]
+
+
+def scale_blocks(blocks: torch.Tensor, absmax: torch.Tensor, numel: int) -> torch.Tensor:
+    """w / absmax_b per block, rounded as bitsandbytes rounds it: times the float32 reciprocal,
+    except the short last block (numel % block_size values), which its reference divides."""
+    safe = absmax.clamp_min(_MIN_ABSMAX)  # (n_blocks,)
+    scaled = blocks * (1.0 / safe)[:, None]  # (n_blocks, block_size)
+    if numel % blocks.shape[1]:
+        scaled[-1] = blocks[-1] / safe[-1]
+    return scaled
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
@@ -141,8 +197,9 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
                          f"of shape {tuple(weight.shape)}")
     blocks = _blocks(weight, block_size)  # (n_blocks, block_size)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    codes = nearest_code(scaled, table).flatten()[: weight.numel()]
+    # an odd count keeps one padding code: the code of 0, as bitsandbytes packs it
+    codes = nearest_code(scale_blocks(blocks, absmax, weight.numel()), table).flatten()
+    codes = codes[: weight.numel() + weight.numel() % 2]
     state = QuantState(tuple(weight.shape), weight.dtype, quant_type, block_size, absmax)
     if double_quant:
         state = replace(state, **dict(zip(("absmax", "nested"), quantize_absmax(absmax))))
@@ -164,25 +221,39 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
 
 # --------------------------------------------------------------------------- double quantization
+def nearest_dynamic(normed: torch.Tensor) -> torch.Tensor:
+    """Nearest DYNAMIC entry (ties to the smaller), as bitsandbytes' CUDA kernel and its PyTorch
+    reference pick it; NaN (0 / 0: a group whose constants all equal the offset) gets code 0.
+
+    bitsandbytes' CPU library (0.50) looks codes up in a 65536-entry table instead, so within
+    ~1.5e-5 of a midpoint between two entries it may pick the farther one; we keep the exact rule.
+    """
+    codes = nearest_code(normed, dynamic_table(normed.device))
+    return torch.where(normed.isnan(), 0, codes)
+
+
 def quantize_absmax(absmax: torch.Tensor, block_size: int = DQ_BLOCK) -> tuple[torch.Tensor, NestedAbsmax]:
-    """fp32 constants -> (int8 codes, NestedAbsmax): q = round(127 (c - mean) / s_g)."""
+    """fp32 constants -> (uint8 codes, NestedAbsmax): code = nearest DYNAMIC entry to (c - mean) / s_g,
+    the division rounded as in ``scale_blocks``."""
     offset = absmax.mean()  # ()
-    blocks = _blocks(absmax - offset, block_size)  # (n_groups, 256)
-    scale = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (n_groups,)
-    q = torch.round(blocks * (127.0 / scale[:, None])).clamp(-127, 127)
-    codes = q.to(torch.int8).flatten()[: absmax.numel()]
-    return codes, NestedAbsmax(scale / 127.0, offset, absmax.numel())
+    groups = _blocks(absmax - offset, block_size)  # (n_groups, block_size), zero padding
+    scale = groups.abs().amax(dim=1)  # (n_groups,)
+    normed = scale_blocks(groups, scale, absmax.numel())
+    normed[scale == 0] = float("nan")  # 0 / 0 as in bitsandbytes, not 0 / 1e-38
+    codes = nearest_dynamic(normed).flatten()[: absmax.numel()]
+    return codes.to(torch.uint8), NestedAbsmax(scale, offset, absmax.numel(), block_size)
 
 
 def absmax_of(state: QuantState) -> torch.Tensor:
-    """The per-block fp32 absmax, undoing double quantization when there is one."""
+    """The per-block fp32 absmax, undoing double quantization when there is one: one gather, one
+    product and one sum (in that order, as bitsandbytes rounds them)."""
     if state.nested is None:
         return state.absmax.float()
     nested = state.nested
-    codes = state.absmax.float()  # (n_blocks,)
-    pad = (-codes.numel()) % DQ_BLOCK
-    groups = torch.nn.functional.pad(codes, (0, pad)).view(-1, DQ_BLOCK) if pad else codes.view(-1, DQ_BLOCK)
-    groups = groups.mul_(nested.step[:, None]).add_(nested.offset).clamp_min_(0)  # an absmax is never < 0
+    values = dynamic_table(state.absmax.device)[state.absmax.long()]  # (n_blocks,)
+    pad = (-values.numel()) % nested.block_size
+    groups = torch.nn.functional.pad(values, (0, pad)) if pad else values
+    groups = groups.view(-1, nested.block_size).mul_(nested.absmax[:, None]).add_(nested.offset)
     return groups.flatten()[: nested.count]
 
 
@@ -190,5 +261,5 @@ def bits_per_value(state: QuantState) -> float:
     """Storage of the codes and constants, in bits per original value (4.5 for NF4/64, ~4.127 nested)."""
     constants = state.absmax.numel() * state.absmax.element_size() * 8
     if state.nested is not None:
-        constants += state.nested.step.numel() * 32 + 32
+        constants += state.nested.absmax.numel() * 32 + 32
     return (math.ceil(state.numel / 2) * 8 + constants) / state.numel
