@@ -16,6 +16,7 @@ import torch
 from peftkit.data import assets
 from peftkit.data.causal_lm import CausalLMCollator, build_causal_lm_dataset, prompt_batch
 from peftkit.data.classification import ClassificationCollator, build_classification_dataset, label_mapping
+from peftkit.data.packing import PackedCollator, pack_dataset
 from peftkit.data.readers import load_records, select_columns
 from peftkit.data.split import train_eval_split
 
@@ -164,6 +165,9 @@ def build_data(task: str, tokenizer, opts, seed: int, label2id: dict | None = No
     if task == "causal-lm":
         train = build_causal_lm_dataset(train_records, tokenizer, max_length=opts.max_length)
         evals = build_causal_lm_dataset(eval_records, tokenizer, max_length=opts.max_length)
+        if opts.packing:  # the training set only: held-out metrics stay comparable with unpacked runs
+            return Data(pack_dataset(train, opts.max_length), evals, PackedCollator.for_tokenizer(tokenizer),
+                        eval_records, None)
         return Data(train, evals, CausalLMCollator.for_tokenizer(tokenizer), eval_records, None)
     label2id = label2id or label_mapping(r["label"] for r in train_records + eval_records)
     if len(label2id) < 2:

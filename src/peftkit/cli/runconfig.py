@@ -66,6 +66,10 @@ class DataOptions:
     max_length: int = field(default=128, metadata={"help": "truncate examples to N tokens"})
     num_samples: int = field(default=3, metadata={"help": "causal-lm: held-out prompts to generate for before/after"})
     max_new_tokens: int = field(default=40, metadata={"help": "causal-lm: tokens to generate per sample"})
+    packing: bool = field(
+        default=False, metadata={"help": "causal-lm: pack training examples into rows of max_length tokens, each "
+                                         "attending only to itself (no padding); held-out data stays unpacked"}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -157,6 +161,9 @@ def resolve(flags: dict, yaml_doc: dict, spec) -> RunConfig:
     if data_values.get("path") is None:
         data_values = {**preset["data"], **preset["bundled_data"], **data_yaml, **_picked(flags, data_f)}
     data = _build(DataOptions, data_values, "data")
+    if data.packing and run.task != "causal-lm":
+        raise UserError(f"--packing joins causal-LM examples into shared rows; task {run.task!r} labels whole "
+                        "sequences, so it cannot be packed: drop --packing or use --task causal-lm")
     chosen = {**_section(yaml_doc, "training", [f.name for f in train_f]), **_picked(flags, train_f)}
     presets = dict(preset["training"])
     if "epochs" in chosen and "max_steps" not in chosen:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from peftkit.data.packing import PackedDataset, check_packing_support, is_packed
 from peftkit.train import Trainer, distributed, seed_everything
 from peftkit.train.checkpoint import atomic_dir, atomic_write_text, list_checkpoints
 
@@ -125,7 +126,10 @@ def prepare(cfg: RunConfig) -> Job:
     seed_everything(seed)  # the classification head and the adapter start from the seed
     base = common.load_classifier(model_path, data.label2id) if task == "classification" else common.load_causal_lm(model_path)
     base = quantized_base(base, cfg)
-    return Job(cfg, model_path, tokenizer, data, wrap(base, cfg))
+    model = wrap(base, cfg)
+    if is_packed(data.train):  # before the run folder exists; the Trainer checks the model again as it trains
+        check_packing_support(model, data.train)
+    return Job(cfg, model_path, tokenizer, data, model)
 
 
 # Method options that, left unset, are the run's number of optimizer steps (AdaLoRA's schedule).
@@ -244,6 +248,8 @@ def summary(job: Job, before: dict, after: dict, result, after_samples: list[str
            "after_metrics": after, "trainable_params": trainable, "total_params": total,
            "train_seconds": round(result.train_seconds, 3), "peak_memory_bytes": result.peak_memory_bytes,
            "steps": result.global_step, "train_examples": len(job.data.train), "eval_examples": len(job.data.eval)}
+    if isinstance(job.data.train, PackedDataset):  # train_examples counts rows, the trainer's examples
+        out["packed_examples"] = job.data.train.n_examples
     if job.data.label2id is not None:
         out["labels"] = list(job.data.label2id)
     if task == "causal-lm":
@@ -251,6 +257,12 @@ def summary(job: Job, before: dict, after: dict, result, after_samples: list[str
         out["samples"] = [{"question": q, "before": b, "after": a}
                           for q, b, a in zip(questions, before["samples"], after_samples)]
     return out
+
+
+def train_size(train) -> str:
+    if isinstance(train, PackedDataset):
+        return f"{train.n_examples} training examples packed into {len(train)} rows"
+    return f"{len(train)} training"
 
 
 def report(line: str) -> None:
@@ -298,7 +310,7 @@ def per_rank(trainer: Trainer, result) -> list[dict] | None:
 def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
     run_dir = resume_dir or shared_run_dir(cfg)  # checked before the model and data load (not created yet)
     job = prepare(cfg)
-    report(f"{cfg.run.task} with {cfg.run.method} on {job.model_path}: {len(job.data.train)} training, "
+    report(f"{cfg.run.task} with {cfg.run.method} on {job.model_path}: {train_size(job.data.train)}, "
            f"{len(job.data.eval)} held-out examples")
     if distributed.is_main_process():
         job.model.print_trainable_parameters()

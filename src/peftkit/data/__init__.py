@@ -20,6 +20,7 @@ from peftkit.data.classification import (
     check_num_labels,
     label_mapping,
 )
+from peftkit.data.packing import PackedCollator, PackedDataset, check_packing_support, pack_dataset
 from peftkit.data.readers import load_records, select_columns
 from peftkit.data.split import train_eval_split
 
@@ -28,8 +29,11 @@ __all__ = [
     "CausalLMCollator",
     "ClassificationCollator",
     "FeatureDataset",
+    "PackedCollator",
+    "PackedDataset",
     "build_causal_lm_dataset",
     "build_classification_dataset",
+    "check_packing_support",
     "cache_dir",
     "check_num_labels",
     "encode_qa",
@@ -37,6 +41,7 @@ __all__ = [
     "label_mapping",
     "load_records",
     "minilm_dir",
+    "pack_dataset",
     "prompt_batch",
     "prompt_ids",
     "qa_pairs",

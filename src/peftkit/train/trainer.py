@@ -135,6 +135,7 @@ class Trainer:
         self.log = MetricsLog(self.output_dir if self.is_main else None, args.tensorboard and self.is_main)
         self.model.to(self.device)
         self.patched = self._fuse_kernels()
+        self._check_packing()
         self._checkpointing = False
         self.engine = self._wrap() if self.dist.active else self.model  # what the training step calls
 
@@ -173,6 +174,15 @@ class Trainer:
                     param.data = param.data.to(dtype)
         logger.info("fused kernels: %s", report)
         return report
+
+    def _check_packing(self) -> None:
+        """Refuse packed training rows the model would let attend across their sequences (before
+        DDP/FSDP2 wrap it, after patch_model, in the run's autocast: the model as it will train)."""
+        from peftkit.data.packing import check_packing_support, is_packed
+
+        if is_packed(self.train_dataset):
+            with self._autocast():
+                check_packing_support(self.model, self.train_dataset)
 
     def _autocast(self):
         dtype = DTYPES[self.args.precision]
