@@ -2,6 +2,7 @@
 
     python benchmarks/packing.py --device cpu --steps 4                       # 2-core CPU: a few steps
     python benchmarks/packing.py --device cuda --batch-size 32 --steps 30 --precision bf16 --patch
+    (--random-init: SmolLM2's shape with random weights, for a machine that has the tokenizer only)
 
 SmolLM2-135M-Instruct (bundled) with LoRA r=8 on q_proj, v_proj (the `peftkit train --task
 causal-lm` preset) on the bundled Q/A pairs tokenised at --max-length. Two ways to batch the same
@@ -77,11 +78,18 @@ def epoch_stats(loader: ResumableBatches) -> Epoch:
     return Epoch(len(loader.dataset), batches, processed, real, labels)
 
 
-def model_and_optimizer(device: str):
+def model_and_optimizer(device: str, random_init: bool = False):
     import peftkit
     from peftkit.cli import common
 
-    base = common.load_causal_lm(common.bundled_model_dir("causal-lm"))
+    folder = common.bundled_model_dir("causal-lm")
+    if random_init:  # SmolLM2's shape with seeded random weights: a GPU box without the 517 MB weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(SEED)
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    else:
+        base = common.load_causal_lm(folder)
     torch.manual_seed(SEED)
     config = peftkit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     model = peftkit.get_peft_model(base, config).to(device).train()
@@ -98,7 +106,7 @@ class Contender:
     """One way of batching with its own model (same seed, so the same adapter start) and step timer."""
 
     def __init__(self, loader: ResumableBatches, args):
-        self.model, self.optimizer = model_and_optimizer(args.device)
+        self.model, self.optimizer = model_and_optimizer(args.device, args.random_init)
         if args.patch:
             from peftkit.kernels import patch_model
 
@@ -151,6 +159,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--patch", action="store_true", help="peftkit.kernels.patch_model (fused kernels)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--random-init", action="store_true",
+                        help="SmolLM2's config with random weights (timing only; needs the tokenizer, not the weights)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -91,6 +91,19 @@ def test_fused_loss_bf16_close_to_float64():
     assert _rel(dh, dh64) < 1e-2
 
 
+def test_fused_loss_under_autocast_runs_the_head_in_the_autocast_dtype():
+    """fp32 hidden states and head under bf16 autocast (patch_model on an fp32 model, a trained lm_head):
+    the head's matmuls run in bf16 as the model's own lm_head would, and the gradients come back in fp32."""
+    hidden, weight, labels = _loss_inputs(torch.float32, b=2, s=32, h=64, v=500)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_causal_lm_loss(hidden, weight, labels, chunk=24)
+        want = causal_lm_loss_reference(hidden, weight, labels)  # its F.linear autocasts to bf16
+    g_got, g_want = torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
+    assert got.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g_got)
+    assert abs(got.item() - want.item()) / want.item() < 1e-2
+    assert all(_rel(a, b) < 2e-2 for a, b in zip(g_got, g_want))
+
+
 def test_fused_loss_without_grad_builds_no_gradient():
     hidden, weight, labels = _loss_inputs(torch.float32)
     with torch.no_grad():

@@ -101,4 +101,13 @@ def fused_causal_lm_loss(hidden, lm_head_weight, labels, chunk: int = 2048, num_
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device)
     denom = denom.to(torch.promote_types(hidden.dtype, torch.float32))
     h2 = hidden.reshape(-1, hidden.shape[-1])                               # (N, H)
-    return _LinearCrossEntropy.apply(h2, lm_head_weight, shift.contiguous(), denom, int(chunk))
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return _LinearCrossEntropy.apply(h2, lm_head_weight, shift.contiguous(), denom, int(chunk))
+    # Under autocast the head's matmuls run in the autocast dtype, as the model's own lm_head would;
+    # cast both inputs once here (autograd takes the gradients back to their dtypes) and keep autocast
+    # out of the node, whose matmuls write into preallocated buffers of one dtype.
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h2.to(dtype), lm_head_weight.to(dtype), shift.contiguous(), denom,
+                                         int(chunk))
