@@ -1,13 +1,10 @@
 """SIGKILL a training process at arbitrary moments, resume it, and get the uninterrupted loss curve."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from peftkit.train.metrics import read_metrics
+from .killing import curve, kill_after
 
 SCRIPT = Path(__file__).parent / "resume_script.py"
 
@@ -15,23 +12,6 @@ SCRIPT = Path(__file__).parent / "resume_script.py"
 def start(out: Path, delay: float, resume: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, str(SCRIPT), str(out), str(delay)] + (["resume"] if resume else [])
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def train_steps_logged(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return sum(1 for r in read_metrics(path) if "loss" in r) if path.exists() else 0
-
-
-def kill_after(proc: subprocess.Popen, out: Path, steps: int) -> None:
-    deadline = time.time() + 120
-    while train_steps_logged(out) < steps and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def curve(out: Path) -> list[tuple]:
-    return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("lr")) for r in read_metrics(out / "metrics.jsonl")]
 
 
 def test_killed_and_resumed_runs_log_the_same_curve_as_an_uninterrupted_one(tmp_path):

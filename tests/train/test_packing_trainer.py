@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ import peftkit
 from peftkit.data import IGNORE_INDEX, FeatureDataset
 from peftkit.data.packing import PackedCollator, pack_dataset
 from peftkit.train import Trainer, TrainingArguments
-from peftkit.train.metrics import read_metrics
+
+from .killing import curve, kill_after
 
 SCRIPT = Path(__file__).parent / "packing_resume_script.py"
 
@@ -93,23 +92,6 @@ def start(out: Path, delay: float, resume: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(peftkit.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-
-
-def steps_logged(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return sum(1 for r in read_metrics(path) if "loss" in r) if path.exists() else 0
-
-
-def kill_after(proc: subprocess.Popen, out: Path, steps: int) -> None:
-    deadline = time.time() + 120
-    while steps_logged(out) < steps and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def curve(out: Path) -> list[tuple]:
-    return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("lr")) for r in read_metrics(out / "metrics.jsonl")]
 
 
 def test_a_killed_and_resumed_packed_run_logs_the_uninterrupted_curve(tmp_path):
