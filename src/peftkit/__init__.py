@@ -37,13 +37,15 @@ from peftkit.peft_model import (
     get_peft_model,
 )
 from peftkit.registry import get_method, list_methods
+from peftkit.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __all__ = [
     # wrapping, loading, saving (HF PEFT's names)
     "PeftConfig", "TaskType", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "get_peft_model", "inject_adapter_in_model",
-    "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "get_layer_status", "get_model_status",
+    "TunerLayerStatus", "TunerModelStatus",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",

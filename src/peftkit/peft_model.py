@@ -149,6 +149,18 @@ class PeftModel(nn.Module):
             trainable += count if param.requires_grad else 0
         return trainable, total
 
+    def get_layer_status(self) -> list:
+        """One ``TunerLayerStatus`` per adapter layer (peftkit.status), as HF PEFT's method."""
+        from peftkit.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """A ``TunerModelStatus``: the adapters' state over all layers, "irregular" where they disagree."""
+        from peftkit.status import get_model_status
+
+        return get_model_status(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
