@@ -70,3 +70,11 @@ def test_usual_values_of_other_methods_still_build():
     pk.BottleneckConfig(placement="houlsby", scaling=2, adapter_drop=(0, 1), bottleneck_size=None)
     pk.AdaLoraConfig(total_step=np.int64(100).item(), rank_pattern={"q_proj.lora_E": [True, False]})
     pk.MamConfig(prefix_tuning={"num_virtual_tokens": 4}, parallel_adapter={"scaling": 2})
+
+
+def test_numpy_numbers_become_plain_numbers_that_save(tmp_path):
+    config = pk.LoraConfig(r=np.int64(8), lora_alpha=np.int32(16), lora_dropout=np.float32(0.25))
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.25)
+    assert type(config.r) is int and type(config.lora_alpha) is int and type(config.lora_dropout) is float
+    config.save_pretrained(tmp_path)
+    assert pk.LoraConfig.from_pretrained(tmp_path).r == 8

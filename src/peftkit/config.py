@@ -126,6 +126,7 @@ class PeftConfig:
         # Built in Python, a wrongly typed field is named here, as one read from a file or YAML is,
         # not met later as a TypeError deep inside (LoraConfig(target_modules=5)).
         check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
+        self._plain_numbers()
         allowed = [t.value for t in TaskType]
         check_field(self.task_type is None or self.task_type in allowed, "task_type", self.task_type,
                     f"one of {allowed} or None")
@@ -152,6 +153,14 @@ class PeftConfig:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)} "
                           "(written by a newer version or another library?)")
         return cls(**kwargs)  # __post_init__ names a field of the wrong type
+
+    def _plain_numbers(self) -> None:
+        """numpy (or other) integers and reals in number fields become Python int / float, so the
+        config's own checks and its JSON file treat them as the numbers they are."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
+                setattr(self, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         from peftkit.io.atomic import atomic_write_text
