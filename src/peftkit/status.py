@@ -117,11 +117,10 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     engine = _adapter_model(model)
     configs = getattr(engine, "peft_config", {})
     base = engine.model if hasattr(engine, "peft_config") else model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    counter = getattr(model, "get_nb_trainable_parameters", None)
-    if counter is not None:  # counts packed 4-bit weights as the values they hold
-        trainable, total = counter()
+    from peftkit.peft_model import PeftModel
+
+    # PeftModel's count for any module (as HF does): packed 4-bit weights count as the values they hold
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)
     active = {tuple(s.active_adapters) for s in layers}
     return TunerModelStatus(
         base_model_type=type(base).__name__,
