@@ -18,6 +18,7 @@ import sys
 import torch
 
 from peftkit.kernels import cross_entropy as ce
+from peftkit.kernels import lora_gemm as lg
 from peftkit.kernels import lora_linear as ll
 from peftkit.kernels import lora_shared as ls
 from peftkit.kernels import norm as rn
@@ -96,6 +97,7 @@ def check_all(device, dtype, small):
     check_rope(device, dtype, small, rows)
     check_loss(device, dtype, small, rows)
     check_expand(device, dtype, small, rows)
+    check_rank_gemm(device, dtype, small, rows)
     check_lora(device, dtype, small, rows)
     check_lora_shared(device, dtype, small, rows)
     return rows
@@ -137,6 +139,23 @@ def check_expand(device, dtype, small, rows):
     p, q, bias = make(device, dtype, (n, r), (r, fout), (fout,), grads=[False] * 3, seed=6)
     compare("low_rank_expand", lambda p, q, b: ll.low_rank_expand(p, q, b),
             lambda p, q, b: torch.addmm(b, p, q), [p, q, bias], as64([p, q, bias]), rows)
+
+
+def check_rank_gemm(device, dtype, small, rows):
+    """x W^T + p q^T and x W + p q in one GEMM: p a column slice (offset 16) of a wider xa, bias on the
+    first; rank 48 runs a 64-wide K block read past its end as zeros."""
+    m, k, n = (40, 72, 36) if small else (8192, 2048, 2048)
+    for w_kn, r, bias in ((False, 16, True), (True, 48, False)):
+        x, w, pw, q, b = make(device, dtype, (m, k), (k, n) if w_kn else (n, k), (m, r + 16),
+                              (r, n) if w_kn else (n, r), (n,), grads=[False] * 5, seed=7, scale=0.1)
+        b = b if bias else None
+
+        def fast(x, w, pw, q, w_kn=w_kn, b=b):
+            return lg.rank_gemm(x, w, pw[:, 16:], q, b, w_kn)
+
+        def ref(x, w, pw, q, w_kn=w_kn, b=b):
+            return lg.rank_gemm_reference(x, w, pw[:, 16:], q, None if b is None else b.to(x.dtype), w_kn)
+        compare(f"rank_gemm_{'nn' if w_kn else 'nt'}_r{r}", fast, ref, [x, w, pw, q], as64([x, w, pw, q]), rows)
 
 
 def bench_expand(device):
@@ -201,23 +220,44 @@ def check_lora(device, dtype, small, rows):
     a32, bb32 = (t.detach().float().requires_grad_() for t in (a, bb))  # float32 adapter, as trained
     ref32 = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), None, a.to(x.dtype), bb.to(x.dtype), 1.0)  # noqa: E731
     compare("lora_fp32_adapter", fast, ref32, [x, a32, bb32], as64([x, a32, bb32]), rows)
+    # the one-GEMM path (lora_gemm) at any size, scaling 2 and a bias
+    n, fin, fout, r = (24, 40, 32, 8) if small else (1000, 2048, 512, 16)
+    x, w, b, a, bb = make(device, dtype, (n, fin), (fout, fin), (fout,), (r, fin), (fout, r),
+                          grads=[True, False, False, True, True], seed=5, scale=0.05)
+    fast = lambda x, a, bb: one_gemm(ll.lora_linear, x, w, b, a, bb, 2.0)  # noqa: E731
+    ref = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), b.to(x.dtype), a.to(x.dtype), bb.to(x.dtype), 2.0)  # noqa: E731
+    a32, bb32 = (t.detach().float().requires_grad_() for t in (a, bb))
+    compare("lora_linear_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows)
+
+
+def one_gemm(fn, *args):
+    """fn(*args) with lora_gemm's one-GEMM path taken at every size."""
+    saved, lg.MIN_SIDE = lg.MIN_SIDE, 0
+    try:
+        return fn(*args)
+    finally:
+        lg.MIN_SIDE = saved
 
 
 def check_lora_shared(device, dtype, small, rows):
-    """q, k, v as one node (float32 adapters, as trained), outputs flattened into one tensor."""
-    n, fin, outs, r = (24, 40, (30, 12, 12), 4) if small else (8192, 2048, (2048, 512, 512), 16)
-    x, *ws = make(device, dtype, (n, fin), *[(o, fin) for o in outs], grads=[True] + [False] * 3, seed=8, scale=0.05)
-    ab = make(device, torch.float32, *[s for o in outs for s in ((r, fin), (o, r))], seed=9, scale=0.05)
+    """q, k, v as one node (float32 adapters, as trained), outputs flattened into one tensor; then the
+    same with the one-GEMM path at every size (rank 8 each: a 24-wide rank block for dx)."""
+    for name, r, forced in (("lora_shared_qkv", 4 if small else 16, False), ("lora_shared_1gemm", 8, True)):
+        n, fin, outs = (24, 40, (32, 16, 16) if forced else (30, 12, 12)) if small else (8192, 2048, (2048, 512, 512))
+        x, *ws = make(device, dtype, (n, fin), *[(o, fin) for o in outs], grads=[True] + [False] * 3, seed=8,
+                      scale=0.05)
+        ab = make(device, torch.float32, *[s for o in outs for s in ((r, fin), (o, r))], seed=9, scale=0.05)
 
-    def run(fn, cast):
-        def go(x, *ab):
-            layers = [(w.to(x.dtype), None, cast(a, x), cast(b, x), 0.5 + i) for i, (w, a, b) in
-                      enumerate(zip(ws, ab[0::2], ab[1::2]))]
-            return torch.cat([y.reshape(-1) for y in fn(x, layers)])
-        return go
-    fast = run(ls.lora_linears_shared, lambda t, x: t)
-    ref = run(ls.lora_linears_shared_reference, lambda t, x: t.to(x.dtype))
-    compare("lora_shared_qkv", fast, ref, [x, *ab], as64([x, *ab]), rows)
+        def run(fn, cast, ws=ws, forced=forced):
+            def go(x, *ab):
+                layers = [(w.to(x.dtype), None, cast(a, x), cast(b, x), 0.5 + i) for i, (w, a, b) in
+                          enumerate(zip(ws, ab[0::2], ab[1::2]))]
+                ys = one_gemm(fn, x, layers) if forced else fn(x, layers)
+                return torch.cat([y.reshape(-1) for y in ys])
+            return go
+        fast = run(ls.lora_linears_shared, lambda t, x: t)
+        ref = run(ls.lora_linears_shared_reference, lambda t, x: t.to(x.dtype))
+        compare(name, fast, ref, [x, *ab], as64([x, *ab]), rows)
 
 
 def bench_shared(device):

@@ -14,6 +14,8 @@ no attention mask: causal SDPA):
                  (input embeddings require grad), patched like peftkit: our ceiling
   frozen_hf      the same, unpatched: transformers' own ceiling
   peftkit_unshared (diagnostic, not run by default) peftkit with q,k,v and gate,up each run alone
+  peftkit_twokernel (diagnostic, not run by default) peftkit with the one-GEMM LoRA path off
+                    (lora_gemm: expand + addmm_ instead, the path before run 11)
                  (run 5's path), for an A/B of lora_linears_shared in one process
   peftkit_plain  (diagnostic, not run by default) peftkit's LoRA without patch_model
   *_graph        the same contender with the whole step (forward, backward, optimizer) recorded
@@ -29,6 +31,7 @@ matmul) and attention is PaLM appendix B's 12 * layers * d_model * seq (QK^T and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -114,7 +117,7 @@ def prepare(contender: str, model, checkpointing: bool):
         import peftkit
         from peftkit.kernels import patch_model
         model = peftkit.get_peft_model(model, peftkit.LoraConfig(**lora_kwargs()))
-        if contender in ("peftkit", "peftkit_unshared"):
+        if contender in ("peftkit", "peftkit_unshared", "peftkit_twokernel"):
             patch_model(model)
         if contender == "peftkit_unshared":  # run 5's path: a (no-op) hook opts each projection out of sharing
             for name, module in model.named_modules():
@@ -204,7 +207,26 @@ def free_memory():
 
 
 # ----------------------------------------------------------------------------- one contender
+@contextlib.contextmanager
+def kernel_choice(contender: str):
+    """While a peftkit_twokernel contender runs, the LoRA nodes skip the one-GEMM path (A/B in one process)."""
+    from peftkit.kernels import lora_gemm
+
+    saved = lora_gemm.MIN_SIDE
+    if contender.removesuffix(GRAPH) == "peftkit_twokernel":
+        lora_gemm.MIN_SIDE = 1 << 62
+    try:
+        yield
+    finally:
+        lora_gemm.MIN_SIDE = saved
+
+
 def run_contender(contender, shape, checkpointing, args, peak) -> Result:
+    with kernel_choice(contender):
+        return _run_contender(contender, shape, checkpointing, args, peak)
+
+
+def _run_contender(contender, shape, checkpointing, args, peak) -> Result:
     res = Result(shape, checkpointing, contender)
     free_memory()
     try:
@@ -279,6 +301,11 @@ def lora_state(model) -> dict:
 
 
 def loss_curve(contender, shape, steps, lr, start_state):
+    with kernel_choice(contender):
+        return _loss_curve(contender, shape, steps, lr, start_state)
+
+
+def _loss_curve(contender, shape, steps, lr, start_state):
     model, _ = prepare(contender, build_model(shape), checkpointing=False)
     if start_state is not None:
         missing = set(start_state) - {n for n, _ in model.named_parameters()}

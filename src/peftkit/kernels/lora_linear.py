@@ -24,6 +24,11 @@ Backward, chain rule with g = dL/dy (N, out):
     dB = s g^T xa                        (out, r)
 W and b are frozen: their gradients are never formed.
 
+On a Hopper GPU, where both sides of W are >= 2048 (`lora_gemm.fits`), y and dx are one GEMM each
+instead: y = [x | xa] [W | s B]^T and dx = [g | gb] [W ; A], the rank-r product being one more K
+block of the same kernel (`lora_gemm.rank_gemm`): no expand written, no beta=1 re-read. s B is then
+kept as (out, r), the layout that K block reads.
+
 The adapter may be kept in float32 while activations are bf16: A and B are cast to the
 activation dtype (r x in and out x r copies, tiny), activations are never upcast, and the
 gradients are returned in the adapter's own dtype (on CUDA dA and dB come out of cuBLAS in
@@ -41,6 +46,7 @@ import torch
 
 from peftkit.quant import nf4
 
+from . import lora_gemm
 from . import triton_kernels as tk
 from .backend import cdiv, use_triton
 from .dequant4bit import dequantize_4bit
@@ -121,32 +127,51 @@ def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None 
     return y
 
 
+def scaled_b(lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, out_major: bool) -> torch.Tensor:
+    """s B in `dtype`, contiguous, cast and scaled in one kernel: (out, r) for rank_gemm's K block
+    (out_major), else s B^T (r, out) for low_rank_expand."""
+    b = lora_B if out_major else lora_B.t()
+    return torch.mul(b, scaling, out=torch.empty(b.shape, dtype=dtype, device=b.device))
+
+
+def low_rank_grad(g: torch.Tensor, bs: torch.Tensor, out_major: bool) -> torch.Tensor:
+    """gb = s g B (N, r) from `scaled_b`'s tensor in either layout."""
+    return g @ bs if out_major else g @ bs.t()
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, quant):
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
         A = lora_A.to(x.dtype)                               # (r, in)
-        Bs = x.new_empty(lora_B.shape[::-1])                 # (r, out)
-        torch.mul(lora_B.t(), scaling, out=Bs)               # s B^T, cast in the same kernel
         xa = x2 @ A.t()                                      # (N, r)
-        y = low_rank_expand(xa, Bs, None if bias is None else bias.to(x.dtype))  # (N, out)
+        one_gemm = quant is None and lora_gemm.fits(x2, weight, A.shape[0])
+        bs = scaled_b(lora_B, scaling, x.dtype, one_gemm)    # (out, r) or (r, out)
+        b = None if bias is None else bias.to(x.dtype)
         absmax = decoded_absmax(quant)
-        y.addmm_(x2, frozen_weight(weight, quant, x.dtype, absmax).t())  # y += x W^T
-        ctx.save_for_backward(x2, xa, weight, A, Bs, *([] if absmax is None else [absmax]))
-        ctx.scaling, ctx.quant = scaling, quant
+        if one_gemm:
+            y = lora_gemm.rank_gemm(x2, weight, xa, bs, b)   # x W^T + xa (s B)^T + b, one pass
+        else:
+            y = low_rank_expand(xa, bs, b)                   # (N, out)
+            y.addmm_(x2, frozen_weight(weight, quant, x.dtype, absmax).t())  # y += x W^T
+        ctx.save_for_backward(x2, xa, weight, A, bs, *([] if absmax is None else [absmax]))
+        ctx.scaling, ctx.quant, ctx.one_gemm = scaling, quant, one_gemm
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])            # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, weight, A, Bs, *absmax = ctx.saved_tensors
+        x2, xa, weight, A, bs, *absmax = ctx.saved_tensors
         absmax = absmax[0] if absmax else None
         g = grad_y.reshape(-1, grad_y.shape[-1])             # (N, out)
-        gb = g @ Bs.t()                                      # (N, r)
+        gb = low_rank_grad(g, bs, ctx.one_gemm)              # (N, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
-            dx = low_rank_expand(gb, A).addmm_(g, w)         # (N, in)
+            if ctx.quant is None and lora_gemm.fits(g, weight, A.shape[0], w_kn=True):
+                dx = lora_gemm.rank_gemm(g, weight, gb, A, w_kn=True)  # g W + gb A, one pass
+            else:
+                w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
+                dx = low_rank_expand(gb, A).addmm_(g, w)     # (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
             dA = mm_as(gb.t(), x2, ctx.adapter_dtypes[0])    # (r, in)

@@ -19,6 +19,9 @@ Backward, g_i = dL/dy_i (N, out_i):
     dA  = gb^T x                       (R, in)     one pass over x; rows split back per adapter
     dB_i = s_i g_i^T xa[:, i]          (out_i, r_i)
 
+On Hopper each y_i, and dx, is one GEMM where lora_gemm.fits (as in lora_linear): the rank-r
+product rides as one more K block of x W_i^T, and gb A as one more K block of the first g_i W_i.
+
 Saved: x once, xa (N, R), the stacked A (R x in, small), W_i, Bs_i. The modules, parameters and
 state-dict keys are untouched: this only changes how their forwards are computed together.
 A 4-bit W_i (QLoRA) is rebuilt right before each of its matmuls, as in lora_linear.
@@ -30,8 +33,9 @@ import functools
 
 import torch
 
+from . import lora_gemm
 from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight,
-                          lora_linear_reference, low_rank_expand, mm_as)
+                          lora_linear_reference, low_rank_expand, low_rank_grad, mm_as, scaled_b)
 
 
 def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
@@ -53,15 +57,20 @@ class _LoraLinearsShared(torch.autograd.Function):
         A = torch.cat([a.to(x.dtype) for a in As])                       # (R, in)
         xa = x2 @ A.t()                                                  # (N, R)
         ranks = [a.shape[0] for a in As]
-        bss = [torch.mul(b.t(), s, out=x.new_empty(b.shape[::-1])) for b, s in zip(Bs, scalings)]  # (r_i, out_i)
+        one_gemm = [q is None and lora_gemm.fits(x2, w, r) for w, q, r in zip(weights, quants, ranks)]
+        bss = [scaled_b(b, s, x.dtype, one) for b, s, one in zip(Bs, scalings, one_gemm)]  # (out_i, r_i) or (r_i, out_i)
         absmaxes = [decoded_absmax(q) for q in quants]
         ys = []
-        for xa_i, bs, w, b, q, am in zip(xa.split(ranks, dim=1), bss, weights, biases, quants, absmaxes):
-            y = low_rank_expand(xa_i, bs, None if b is None else b.to(x.dtype))  # (N, out_i)
-            y.addmm_(x2, frozen_weight(w, q, x.dtype, am).t())
+        for xa_i, bs, w, b, q, am, one in zip(xa.split(ranks, dim=1), bss, weights, biases, quants, absmaxes, one_gemm):
+            b = None if b is None else b.to(x.dtype)
+            if one:
+                y = lora_gemm.rank_gemm(x2, w, xa_i, bs, b)              # x W_i^T + xa_i (s_i B_i)^T + b_i
+            else:
+                y = low_rank_expand(xa_i, bs, b)                         # (N, out_i)
+                y.addmm_(x2, frozen_weight(w, q, x.dtype, am).t())
             ys.append(y.view(*x.shape[:-1], y.shape[1]))
         ctx.save_for_backward(x2, xa, A, *weights, *bss, *[am for am in absmaxes if am is not None])
-        ctx.scalings, ctx.ranks, ctx.quants = scalings, ranks, quants
+        ctx.scalings, ctx.ranks, ctx.quants, ctx.one_gemm = scalings, ranks, quants, one_gemm
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs)]
         return tuple(ys)
 
@@ -72,12 +81,10 @@ class _LoraLinearsShared(torch.autograd.Function):
         weights, bss, decoded = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
         absmaxes = [None if q is None else next(decoded) for q in ctx.quants]
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]                 # (N, out_i) each
-        gb = torch.cat([g @ bs.t() for g, bs in zip(gs, bss)], dim=1)    # (N, R)
+        gb = torch.cat([low_rank_grad(g, bs, one) for g, bs, one in zip(gs, bss, ctx.one_gemm)], dim=1)  # (N, R)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = low_rank_expand(gb, A)                                  # (N, in)
-            for g, w, q, am in zip(gs, weights, ctx.quants, absmaxes):
-                dx.addmm_(g, frozen_weight(w, q, g.dtype, am))           # += g_i W_i
+            dx = _dx(gs, weights, ctx.quants, absmaxes, gb, A)
             dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
         common = functools.reduce(torch.promote_types, [a for a, _ in ctx.adapter_dtypes])
         dA = mm_as(gb.t(), x2, common).split(ctx.ranks)                  # (r_i, in) each
@@ -89,6 +96,21 @@ class _LoraLinearsShared(torch.autograd.Function):
             db = mm_as(g.t(), xa_i, b_dtype, ctx.scalings[i]) if need_b else None   # (out_i, r_i)
             out += [None, None, da, db]
         return (dx, None, None, *out)
+
+
+def _dx(gs, weights, quants, absmaxes, gb, A) -> torch.Tensor:
+    """gb A + sum_i g_i W_i into one buffer: the first product that fits `rank_gemm` carries gb A as
+    its extra K block; otherwise gb A is expanded first. The others are added with addmm_ (beta=1)."""
+    first = next((i for i, (g, w, q) in enumerate(zip(gs, weights, quants))
+                  if q is None and lora_gemm.fits(g, w, A.shape[0], w_kn=True)), None)
+    if first is None:
+        dx = low_rank_expand(gb, A)                                      # (N, in)
+    else:
+        dx = lora_gemm.rank_gemm(gs[first], weights[first], gb, A, w_kn=True)
+    for i, (g, w, q, am) in enumerate(zip(gs, weights, quants, absmaxes)):
+        if i != first:
+            dx.addmm_(g, frozen_weight(w, q, g.dtype, am))               # += g_i W_i
+    return dx
 
 
 def lora_linears_shared(x, layers) -> list[torch.Tensor]:

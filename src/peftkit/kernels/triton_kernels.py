@@ -200,3 +200,80 @@ def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BYTES: tl.c
     value_at = tl.interleave(2 * byte_at, 2 * byte_at + 1)  # (2 BYTES,)
     values = tl.interleave(hi, lo)
     tl.store(OUT + value_at, values.to(OUT.dtype.element_ty), mask=value_at < n)
+
+
+# ----------------------------------------------------------------------------- GEMM with a rank-r K block
+@jit
+def _grouped_tile(tile, n_m, n_n, GROUP_M: tl.constexpr):
+    """Tile index -> (row block, column block): GROUP_M row blocks sweep the columns together, so
+    the weight tiles they share are still in L2 when the next row block needs them."""
+    per_group = GROUP_M * n_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@jit
+def _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, om, on, K_TILES: tl.constexpr, R_CHUNKS: tl.constexpr,
+                    W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_TMA: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr):
+    """Y[om:, on:] = X W' + P Q' (+ bias) for one (BM, BN) tile; W' = W or W^T, Q' = Q or Q^T (W_KN).
+    (Loading P and Q before the main loop, to hide their latency, fails Triton 3.6's TMA lowering
+    inside the flattened persistent loop.)"""
+    acc = tl.zeros((BM, BN), tl.float32)
+    for kt in range(K_TILES):
+        x = x_d.load([om, kt * BK])                                      # (BM, BK)
+        if W_KN:
+            acc = tl.dot(x, w_d.load([kt * BK, on]), acc)
+        else:
+            acc = tl.dot(x, w_d.load([on, kt * BK]).T, acc)
+    for c in tl.static_range(R_CHUNKS):                                  # the rank-r K block, 16 at a time
+        p = p_d.load([om, c * 16])                                       # (BM, 16)
+        if W_KN:
+            acc = tl.dot(p, q_d.load([c * 16, on]), acc)
+        else:
+            acc = tl.dot(p, q_d.load([on, c * 16]).T, acc)
+    if HAS_BIAS:
+        cols = on + tl.arange(0, BN)
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_TMA:
+        y_d.store([om, on], acc.to(y_d.dtype))
+    else:  # straight from registers: no (BM, BN) staging buffer, which leaves room for a deeper pipeline
+        rows, cols = om + tl.arange(0, BM), on + tl.arange(0, BN)
+        tl.store(Y + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@jit
+def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, K: tl.constexpr, RANK: tl.constexpr,
+              W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr, PROGRAMS: tl.constexpr, PERSISTENT: tl.constexpr):
+    """Y = X W^T + P Q^T (+ BIAS), or with W_KN: Y = X W + P Q. One rounding, float32 accumulators.
+
+    X (M, K); W (N, K) or (K, N); P (M, RANK) with row stride stride_p (a column slice of a wider
+    matrix is read in place); Q (N, RANK) or (RANK, N) with row stride stride_q. Every operand goes
+    through a Hopper TMA descriptor. The rank block is simply more K blocks of the same GEMM, 16
+    columns each (read past RANK as zeros): one small shared-memory buffer whatever the rank. PERSISTENT: PROGRAMS programs walk the
+    tiles; else one tile per program (the form Triton's CPU interpreter runs).
+    """
+    x_d = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    p_d = tl.make_tensor_descriptor(P, shape=[M, RANK], strides=[stride_p, 1], block_shape=[BM, 16])
+    y_d = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    if W_KN:
+        w_d = tl.make_tensor_descriptor(W, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+        q_d = tl.make_tensor_descriptor(Q, shape=[RANK, N], strides=[stride_q, 1], block_shape=[16, BN])
+    else:
+        w_d = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        q_d = tl.make_tensor_descriptor(Q, shape=[N, RANK], strides=[stride_q, 1], block_shape=[BN, 16])
+    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    k_tiles: tl.constexpr = (K + BK - 1) // BK
+    r_chunks: tl.constexpr = (RANK + 15) // 16
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), n_tiles, PROGRAMS, flatten=True):
+            pm, pn = _grouped_tile(tile, n_m, n_n, GROUP_M)
+            _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, pm * BM, pn * BN, k_tiles, r_chunks, W_KN,
+                            HAS_BIAS, STORE_TMA, BM, BN, BK)
+    else:
+        pm, pn = _grouped_tile(tl.program_id(0), n_m, n_n, GROUP_M)
+        _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, pm * BM, pn * BN, k_tiles, r_chunks, W_KN,
+                            HAS_BIAS, STORE_TMA, BM, BN, BK)
