@@ -144,14 +144,14 @@ def check_expand(device, dtype, small, rows):
 def check_rank_gemm(device, dtype, small, rows):
     """x W^T + p q^T and x W + p q in one GEMM: p a column slice (offset 16) of a wider xa, bias on the
     first; rank 48 runs a 64-wide K block read past its end as zeros."""
-    m, k, n = (40, 72, 36) if small else (8192, 2048, 2048)
+    m, k, n = (40, 72, 48) if small else (8192, 2048, 2048)
     for w_kn, r, bias in ((False, 16, True), (True, 48, False)):
         x, w, pw, q, b = make(device, dtype, (m, k), (k, n) if w_kn else (n, k), (m, r + 16),
                               (r, n) if w_kn else (n, r), (n,), grads=[False] * 5, seed=7, scale=0.1)
         b = b if bias else None
 
         def fast(x, w, pw, q, w_kn=w_kn, b=b):
-            return lg.rank_gemm(x, w, pw[:, 16:], q, b, w_kn)
+            return one_gemm(lg.rank_gemm, x, w, pw[:, 16:], q, b, w_kn)
 
         def ref(x, w, pw, q, w_kn=w_kn, b=b):
             return lg.rank_gemm_reference(x, w, pw[:, 16:], q, None if b is None else b.to(x.dtype), w_kn)

@@ -14,10 +14,16 @@ so narrower products keep the two-kernel path (`fits`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import triton_kernels as tk
 from .backend import cdiv, use_triton
+
+if tk.HAS_TRITON:
+    import triton
+    from triton.runtime import _allocation
 
 TILE = dict(BM=128, BN=256, BK=64, GROUP_M=8, STORE_TMA=True, num_stages=3, num_warps=8)  # run 11's best on the 1B shapes
 MIN_SIDE = 2048  # out and in at least this: where run 11 measured a gain
@@ -35,18 +41,24 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_sms(device_index: int) -> int:
+    """Multiprocessor count of a compute-capability-9 GPU, 0 for any other (cached: asked per call)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count if props.major == 9 else 0
+
+
 def fits(x: torch.Tensor, w: torch.Tensor, rank: int, w_kn: bool = False) -> bool:
     """True where `rank_gemm` runs the Triton kernel and is expected to pay: a Hopper GPU (TMA; or
     Triton's CPU interpreter), 16-bit x and w of one dtype, both sides of w >= MIN_SIDE, a rank <= 64
-    that keeps column slices of xa on 16 bytes (a multiple of 8), contiguous TMA-aligned x and w."""
-    if not use_triton(x, w):
-        return False
-    if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] != 9 or x.dtype not in (torch.bfloat16, torch.float16):
-            return False
+    that keeps column slices of xa on 16 bytes (a multiple of 8), contiguous TMA-aligned x and w.
+    Cheap checks first: the LoRA nodes ask this for every product, in eager mode on the host's clock."""
     n = w.shape[1] if w_kn else w.shape[0]
-    return (w.dtype == x.dtype and min(n, x.shape[1]) >= MIN_SIDE and rank <= 64 and rank % 8 == 0 and n % 8 == 0
-            and x.is_contiguous() and w.is_contiguous() and _aligned(x) and _aligned(w))
+    if min(n, x.shape[1]) < MIN_SIDE or rank > 64 or rank % 8 or n % 8 or w.dtype != x.dtype:
+        return False
+    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or not _hopper_sms(x.device.index or 0)):
+        return False
+    return use_triton(x, w) and x.is_contiguous() and w.is_contiguous() and _aligned(x) and _aligned(w)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -57,9 +69,6 @@ def _ensure_allocator() -> None:
     """Device-side TMA descriptors need a little global scratch per launch. Triton asks the allocator
     of the current context (a ContextVar: autograd's backward thread has its own), so give each
     context that has none torch's caching allocator; one set by the user is left alone."""
-    import triton
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
@@ -71,20 +80,23 @@ def rank_gemm(x, w, p, q, bias=None, w_kn: bool = False) -> torch.Tensor:
     q (N, r), or (r, N) with w_kn; bias (N,) or None. Returns (M, N) in x's dtype. Under Triton's
     CPU interpreter (TRITON_INTERPRET=1, CPU tensors) the kernel runs one tile per program.
     """
-    interpreted = use_triton(x, w, p, q) and not x.is_cuda
-    if not (interpreted or fits(x, w, p.shape[1], w_kn)) or not all(_aligned(t) for t in (x, w, p, q)) \
-            or p.dtype != x.dtype or q.dtype != x.dtype:
-        return rank_gemm_reference(x, w, p, q, bias, w_kn)
+    if fits(x, w, p.shape[1], w_kn) and p.dtype == x.dtype and q.dtype == x.dtype and _aligned(p) and _aligned(q):
+        return launch(x, w, p, q, bias, w_kn)
+    return rank_gemm_reference(x, w, p, q, bias, w_kn)
+
+
+def launch(x, w, p, q, bias=None, w_kn: bool = False) -> torch.Tensor:
+    """The kernel itself, for callers that checked `fits` and made p and q (16-bit, TMA-aligned)."""
     (m, k), r = x.shape, p.shape[1]
     n = w.shape[1] if w_kn else w.shape[0]
     y = x.new_empty(m, n)
     n_tiles = cdiv(m, TILE["BM"]) * cdiv(n, TILE["BN"])
-    if interpreted:
-        programs = n_tiles
-    else:
+    if x.is_cuda:
         _ensure_allocator()
-        programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, n_tiles)
+        programs = min(_hopper_sms(x.device.index or 0), n_tiles)
+    else:  # Triton's CPU interpreter: one tile per program
+        programs = n_tiles
     tk.rank_gemm[(programs,)](x, w, p, q, bias if bias is not None else y, y, m, n, p.stride(0), q.stride(0), n_tiles,
                               K=k, RANK=r, W_KN=w_kn, HAS_BIAS=bias is not None,
-                              PROGRAMS=programs, PERSISTENT=not interpreted, **TILE)
+                              PROGRAMS=programs, PERSISTENT=x.is_cuda, **TILE)
     return y

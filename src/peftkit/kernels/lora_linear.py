@@ -150,7 +150,7 @@ class _LoraLinear(torch.autograd.Function):
         b = None if bias is None else bias.to(x.dtype)
         absmax = decoded_absmax(quant)
         if one_gemm:
-            y = lora_gemm.rank_gemm(x2, weight, xa, bs, b)   # x W^T + xa (s B)^T + b, one pass
+            y = lora_gemm.launch(x2, weight, xa, bs, b)   # x W^T + xa (s B)^T + b, one pass
         else:
             y = low_rank_expand(xa, bs, b)                   # (N, out)
             y.addmm_(x2, frozen_weight(weight, quant, x.dtype, absmax).t())  # y += x W^T
@@ -168,7 +168,7 @@ class _LoraLinear(torch.autograd.Function):
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
             if ctx.quant is None and lora_gemm.fits(g, weight, A.shape[0], w_kn=True):
-                dx = lora_gemm.rank_gemm(g, weight, gb, A, w_kn=True)  # g W + gb A, one pass
+                dx = lora_gemm.launch(g, weight, gb, A, w_kn=True)  # g W + gb A, one pass
             else:
                 w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
                 dx = low_rank_expand(gb, A).addmm_(g, w)     # (N, in)

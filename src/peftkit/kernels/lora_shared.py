@@ -64,7 +64,7 @@ class _LoraLinearsShared(torch.autograd.Function):
         for xa_i, bs, w, b, q, am, one in zip(xa.split(ranks, dim=1), bss, weights, biases, quants, absmaxes, one_gemm):
             b = None if b is None else b.to(x.dtype)
             if one:
-                y = lora_gemm.rank_gemm(x2, w, xa_i, bs, b)              # x W_i^T + xa_i (s_i B_i)^T + b_i
+                y = lora_gemm.launch(x2, w, xa_i, bs, b)              # x W_i^T + xa_i (s_i B_i)^T + b_i
             else:
                 y = low_rank_expand(xa_i, bs, b)                         # (N, out_i)
                 y.addmm_(x2, frozen_weight(w, q, x.dtype, am).t())
@@ -106,7 +106,7 @@ def _dx(gs, weights, quants, absmaxes, gb, A) -> torch.Tensor:
     if first is None:
         dx = low_rank_expand(gb, A)                                      # (N, in)
     else:
-        dx = lora_gemm.rank_gemm(gs[first], weights[first], gb, A, w_kn=True)
+        dx = lora_gemm.launch(gs[first], weights[first], gb, A, w_kn=True)
     for i, (g, w, q, am) in enumerate(zip(gs, weights, quants, absmaxes)):
         if i != first:
             dx.addmm_(g, frozen_weight(w, q, g.dtype, am))               # += g_i W_i
