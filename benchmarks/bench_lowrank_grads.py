@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+from peftkit.kernels import lora_gemm
 from peftkit.kernels.backend import cdiv
 from peftkit.kernels.lora_linear import mm_as
 
@@ -82,6 +83,50 @@ def fused_grads(g, bs, xa, scaling, tile):
     return (gb, db) if r == br else (gb[:, :r], db[:, :r])
 
 
+@triton.jit
+def low_rank_grads_tma(G, SB, XA, GB_PART, DB_PART, M, OUT, stride_xa, scaling, RANK: tl.constexpr,
+                       TILES_PER_SPLIT: tl.constexpr, SUB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Run 11's variant: g, s B (out, r) and xa through TMA descriptors. Program (i, j) owns SUB row
+    blocks of BM rows from i * SUB * BM and column split j; dB partials are summed over its SUB
+    blocks before they are written (fewer partials), gb partials over its split."""
+    g_d = tl.make_tensor_descriptor(G, shape=[M, OUT], strides=[OUT, 1], block_shape=[BM, BN])
+    sb_d = tl.make_tensor_descriptor(SB, shape=[OUT, RANK], strides=[RANK, 1], block_shape=[BN, 16])
+    xa_d = tl.make_tensor_descriptor(XA, shape=[M, RANK], strides=[stride_xa, 1], block_shape=[BM, 16])
+    i, j = tl.program_id(0), tl.program_id(1)
+    ks = tl.arange(0, 16)
+    for sub in tl.static_range(SUB):
+        om = (i * SUB + sub) * BM
+        xa = xa_d.load([om, 0])                                                          # (BM, 16)
+        gb = tl.zeros((BM, 16), tl.float32)
+        for t in range(TILES_PER_SPLIT):
+            oc = (j * TILES_PER_SPLIT + t) * BN
+            g = g_d.load([om, oc])                                                       # (BM, BN)
+            gb = tl.dot(g, sb_d.load([oc, 0]), gb)
+            db = tl.dot(g.T, xa)                                                         # (BN, 16)
+            cols = oc + tl.arange(0, BN)
+            ptr = DB_PART + ((i * SUB + sub) * OUT + cols[:, None]).to(tl.int64) * 16 + ks[None, :]
+            tl.store(ptr, db * scaling, mask=(cols < OUT)[:, None])
+        rows = om + tl.arange(0, BM)
+        tl.store(GB_PART + (j * M + rows[:, None]).to(tl.int64) * 16 + ks[None, :], gb, mask=(rows < M)[:, None])
+
+
+def fused_grads_tma(g, sb, xa, scaling, tile):
+    """(gb, dB) as fused_grads, sb = s B (out, r) out-major; tile = (BM, BN, splits, SUB, warps, stages)."""
+    bm, bn, splits, sub, warps, stages = tile
+    lora_gemm._ensure_allocator()  # device-side descriptors need Triton's scratch allocator
+    (n, out), r = g.shape, sb.shape[1]
+    tiles = cdiv(out, bn)
+    per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, per_split)
+    blocks = cdiv(n, bm * sub)
+    gb_part = g.new_empty(splits, n, 16, dtype=torch.float32)
+    db_part = g.new_empty(blocks * sub, out, 16, dtype=torch.float32)
+    low_rank_grads_tma[(blocks, splits)](g, sb, xa, gb_part, db_part, n, out, xa.stride(0), scaling, RANK=r,
+                                         TILES_PER_SPLIT=per_split, SUB=sub, BM=bm, BN=bn,
+                                         num_warps=warps, num_stages=stages)
+    return gb_part.sum(0, dtype=g.dtype)[:, :r], db_part.sum(0)[:, :r]
+
+
 def cublas_grads(g, bs, xa, scaling):
     """What lora_linear's backward does today."""
     return g @ bs.t(), mm_as(g.t(), xa, torch.float32, scaling)
@@ -94,6 +139,12 @@ SHAPES = [(16, 2048, 1, 48), (16, 512, 2, 48), (16, 2048, 2, 16), (16, 8192, 2, 
 TILES = [  # (BLOCK_M, BLOCK_N, splits, warps, stages)
     (128, 64, 2, 4, 3), (128, 64, 4, 4, 3), (128, 128, 2, 8, 3), (256, 64, 4, 8, 3), (256, 64, 8, 8, 3),
     (256, 64, 4, 8, 4), (256, 128, 4, 8, 2), (64, 128, 2, 4, 4), (256, 32, 4, 4, 4),
+]
+
+
+TMA_TILES = [  # (BM, BN, splits, SUB, warps, stages)
+    (128, 128, 4, 1, 4, 3), (128, 128, 4, 2, 4, 3), (256, 128, 4, 1, 8, 3), (128, 256, 4, 2, 8, 3),
+    (128, 128, 8, 2, 4, 4), (256, 64, 4, 2, 8, 4), (128, 128, 2, 4, 4, 3),
 ]
 
 
@@ -112,7 +163,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer tiles")
     tiles = TILES[:4] if parser.parse_args().quick else TILES
+    tma_tiles = TMA_TILES[:2] if parser.parse_args().quick else TMA_TILES
     names = ["cublas"] + [f"{bm}x{bn}/s{s}/w{w}/st{st}" for bm, bn, s, w, st in tiles]
+    names += [f"tma {bm}x{bn}/s{s}/sub{u}/w{w}/st{st}" for bm, bn, s, u, w, st in tma_tiles]
     totals = dict.fromkeys(names, 0.0)
     print(f"{'r':>3} {'out':>5} {'calls':>5} " + " ".join(f"{n:>20}" for n in names) + "   us (TB/s of g)")
     for r, out, calls, stride in SHAPES:
@@ -124,9 +177,16 @@ def main():
         want_db = SCALING * g.double().t() @ xa.double()
         fns = [lambda: cublas_grads(g, bs, xa, SCALING)]
         fns += [lambda t=t: fused_grads(g, bs, xa, SCALING, t) for t in tiles]
+        sb = bs.t().contiguous()
+        fns += [lambda t=t: fused_grads_tma(g, sb, xa, SCALING, t) for t in tma_tiles]
         row = []
         for name, fn in zip(names, fns):
-            check(name, fn(), want_gb, want_db)
+            try:
+                check(name, fn(), want_gb, want_db)
+            except triton.runtime.errors.OutOfResources:  # a tile too big for this card
+                totals[name] = float("inf")
+                row.append(f"{'too big':>20}")
+                continue
             ms = timed(fn)
             totals[name] += ms * calls * 16
             row.append(f"{ms * 1e3:8.1f} ({g.numel() * 2 / ms / 1e9:4.2f})")

@@ -24,8 +24,8 @@ from peftkit.kernels import lora_gemm as lg
 from peftkit.kernels.lora_linear import low_rank_expand
 
 TILES = [dict(lg.TILE)] + [dict(lg.TILE, **change) for change in (
-    dict(STORE_TMA=False), dict(STORE_TMA=False, num_stages=4), dict(GROUP_M=16), dict(GROUP_M=4),
-    dict(BN=128, num_stages=4), dict(STORE_TMA=False, BN=128, num_stages=5))]
+    dict(BM=256, BN=128), dict(BK=32, num_stages=6), dict(BM=256, BN=128, BK=32, num_stages=6),
+    dict(STORE_TMA=False, num_stages=4))]
 SHAPES = {  # (label, layout, K, N) of each base GEMM in a step, M = 8192 tokens
     "1b": [("q,o fwd", "nt", 2048, 2048), ("gate,up fwd", "nt", 2048, 8192), ("down fwd", "nt", 8192, 2048),
            ("q,o dx", "nn", 2048, 2048), ("gate,up dx", "nn", 8192, 2048), ("down dx", "nn", 2048, 8192)],

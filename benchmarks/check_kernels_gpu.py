@@ -12,6 +12,7 @@ output elements bit-identical to the reference. Times are medians of CUDA-event 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 
@@ -62,8 +63,12 @@ def time_ms(fn, inputs, reps=20):
     return statistics.median(times)
 
 
-def compare(name, fast, ref, inputs, truth_inputs, rows):
-    got, want = run_op(fast, inputs), run_op(ref, inputs)
+def compare(name, fast, ref, inputs, truth_inputs, rows, forced=False):
+    """forced: the fast path runs with the size floors of lora_gemm and low_rank_grads at 0, forward and
+    backward (both decide again in backward)."""
+    with every_size() if forced else contextlib.nullcontext():
+        got = run_op(fast, inputs)
+    want = run_op(ref, inputs)
     truth = run_op(ref, truth_inputs)
     for i, (g, w, t) in enumerate(zip(got, want, truth)):
         part = "out" if i == 0 else f"grad{i}"
@@ -98,6 +103,7 @@ def check_all(device, dtype, small):
     check_loss(device, dtype, small, rows)
     check_expand(device, dtype, small, rows)
     check_rank_gemm(device, dtype, small, rows)
+    check_low_rank_grads(device, dtype, small, rows)
     check_lora(device, dtype, small, rows)
     check_lora_shared(device, dtype, small, rows)
     return rows
@@ -151,11 +157,29 @@ def check_rank_gemm(device, dtype, small, rows):
         b = b if bias else None
 
         def fast(x, w, pw, q, w_kn=w_kn, b=b):
-            return one_gemm(lg.rank_gemm, x, w, pw[:, 16:], q, b, w_kn)
+            return lg.rank_gemm(x, w, pw[:, 16:], q, b, w_kn)
 
         def ref(x, w, pw, q, w_kn=w_kn, b=b):
             return lg.rank_gemm_reference(x, w, pw[:, 16:], q, None if b is None else b.to(x.dtype), w_kn)
-        compare(f"rank_gemm_{'nn' if w_kn else 'nt'}_r{r}", fast, ref, [x, w, pw, q], as64([x, w, pw, q]), rows)
+        compare(f"rank_gemm_{'nn' if w_kn else 'nt'}_r{r}", fast, ref, [x, w, pw, q], as64([x, w, pw, q]), rows,
+                forced=True)
+
+
+def check_low_rank_grads(device, dtype, small, rows):
+    """gb = g (s B) and dB = s g^T xa from one pass over g (forced at any width), xa a column slice,
+    s B in both layouts; out = gb and dB flattened into one tensor."""
+    n, out, r = (40, 48, 8) if small else (8192, 8192, 16)
+    g, bs, xw = make(device, dtype, (n, out), (out, r), (n, r + 16), grads=[False] * 3, seed=11, scale=0.1)
+    for out_major in (True, False):
+        def fast(g, bs, xw, out_major=out_major):
+            b = bs if out_major else bs.t().contiguous()
+            gb, db = ll.low_rank_grads(g, b, out_major, xw[:, 16:], 0.5, torch.float32)
+            return torch.cat([gb.flatten().float(), db.flatten()])
+
+        def ref(g, bs, xw):
+            return torch.cat([(g @ bs).flatten().float(), (0.5 * g.t() @ xw[:, 16:]).flatten().float()])
+        compare(f"low_rank_grads_{'out' if out_major else 'rank'}_major", fast, ref, [g, bs, xw], as64([g, bs, xw]),
+                rows, forced=True)
 
 
 def bench_expand(device):
@@ -224,19 +248,21 @@ def check_lora(device, dtype, small, rows):
     n, fin, fout, r = (24, 40, 32, 8) if small else (1000, 2048, 512, 16)
     x, w, b, a, bb = make(device, dtype, (n, fin), (fout, fin), (fout,), (r, fin), (fout, r),
                           grads=[True, False, False, True, True], seed=5, scale=0.05)
-    fast = lambda x, a, bb: one_gemm(ll.lora_linear, x, w, b, a, bb, 2.0)  # noqa: E731
+    fast = lambda x, a, bb: ll.lora_linear(x, w, b, a, bb, 2.0)  # noqa: E731
     ref = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), b.to(x.dtype), a.to(x.dtype), bb.to(x.dtype), 2.0)  # noqa: E731
     a32, bb32 = (t.detach().float().requires_grad_() for t in (a, bb))
-    compare("lora_linear_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows)
+    compare("lora_linear_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows, forced=True)
 
 
-def one_gemm(fn, *args):
-    """fn(*args) with lora_gemm's one-GEMM path taken at every size."""
-    saved, lg.MIN_SIDE = lg.MIN_SIDE, 0
+@contextlib.contextmanager
+def every_size():
+    """lora_gemm's one-GEMM path, and the one-pass gb / dB, taken at every size."""
+    saved = lg.MIN_SIDE, ll.GRADS_MIN_OUT
+    lg.MIN_SIDE = ll.GRADS_MIN_OUT = 0
     try:
-        return fn(*args)
+        yield
     finally:
-        lg.MIN_SIDE = saved
+        lg.MIN_SIDE, ll.GRADS_MIN_OUT = saved
 
 
 def check_lora_shared(device, dtype, small, rows):
@@ -248,16 +274,15 @@ def check_lora_shared(device, dtype, small, rows):
                       scale=0.05)
         ab = make(device, torch.float32, *[s for o in outs for s in ((r, fin), (o, r))], seed=9, scale=0.05)
 
-        def run(fn, cast, ws=ws, forced=forced):
+        def run(fn, cast, ws=ws):
             def go(x, *ab):
                 layers = [(w.to(x.dtype), None, cast(a, x), cast(b, x), 0.5 + i) for i, (w, a, b) in
                           enumerate(zip(ws, ab[0::2], ab[1::2]))]
-                ys = one_gemm(fn, x, layers) if forced else fn(x, layers)
-                return torch.cat([y.reshape(-1) for y in ys])
+                return torch.cat([y.reshape(-1) for y in fn(x, layers)])
             return go
         fast = run(ls.lora_linears_shared, lambda t, x: t)
         ref = run(ls.lora_linears_shared_reference, lambda t, x: t.to(x.dtype))
-        compare(name, fast, ref, [x, *ab], as64([x, *ab]), rows)
+        compare(name, fast, ref, [x, *ab], as64([x, *ab]), rows, forced=forced)
 
 
 def bench_shared(device):

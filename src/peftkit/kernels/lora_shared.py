@@ -17,7 +17,8 @@ Backward, g_i = dL/dy_i (N, out_i):
                                                    buffer: no per-linear expand, and none of the
                                                    adds autograd would do to sum the n dx's
     dA  = gb^T x                       (R, in)     one pass over x; rows split back per adapter
-    dB_i = s_i g_i^T xa[:, i]          (out_i, r_i)
+    dB_i = s_i g_i^T xa[:, i]          (out_i, r_i)     with gb_i, from one pass over g_i where g_i is
+                                                   wide (lora_linear.low_rank_grads)
 
 On Hopper each y_i, and dx, is one GEMM where lora_gemm.fits (as in lora_linear): the rank-r
 product rides as one more K block of x W_i^T, and gb A as one more K block of the first g_i W_i.
@@ -35,7 +36,7 @@ import torch
 
 from . import lora_gemm
 from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight,
-                          lora_linear_reference, low_rank_expand, low_rank_grad, mm_as, scaled_b)
+                          lora_linear_reference, low_rank_expand, low_rank_grads, mm_as, scaled_b)
 
 
 def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
@@ -81,7 +82,10 @@ class _LoraLinearsShared(torch.autograd.Function):
         weights, bss, decoded = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
         absmaxes = [None if q is None else next(decoded) for q in ctx.quants]
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]                 # (N, out_i) each
-        gb = torch.cat([low_rank_grad(g, bs, one) for g, bs, one in zip(gs, bss, ctx.one_gemm)], dim=1)  # (N, R)
+        pairs = [low_rank_grads(g, bs, one, xa_i, s, b_dtype, ctx.needs_input_grad[3 + 4 * i + 3])
+                 for i, (g, bs, one, xa_i, s, (_, b_dtype)) in enumerate(zip(
+                     gs, bss, ctx.one_gemm, xa.split(ctx.ranks, dim=1), ctx.scalings, ctx.adapter_dtypes))]
+        gb = torch.cat([gb_i for gb_i, _ in pairs], dim=1)               # (N, R)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _dx(gs, weights, ctx.quants, absmaxes, gb, A)
@@ -89,12 +93,9 @@ class _LoraLinearsShared(torch.autograd.Function):
         common = functools.reduce(torch.promote_types, [a for a, _ in ctx.adapter_dtypes])
         dA = mm_as(gb.t(), x2, common).split(ctx.ranks)                  # (r_i, in) each
         out = []
-        for i, (g, xa_i) in enumerate(zip(gs, xa.split(ctx.ranks, dim=1))):
-            a_dtype, b_dtype = ctx.adapter_dtypes[i]
-            need_a, need_b = ctx.needs_input_grad[3 + 4 * i + 2], ctx.needs_input_grad[3 + 4 * i + 3]
-            da = dA[i].to(a_dtype) if need_a else None
-            db = mm_as(g.t(), xa_i, b_dtype, ctx.scalings[i]) if need_b else None   # (out_i, r_i)
-            out += [None, None, da, db]
+        for i, (_, db) in enumerate(pairs):
+            need_a = ctx.needs_input_grad[3 + 4 * i + 2]
+            out += [None, None, dA[i].to(ctx.adapter_dtypes[i][0]) if need_a else None, db]
         return (dx, None, None, *out)
 
 

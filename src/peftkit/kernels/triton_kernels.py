@@ -277,3 +277,35 @@ def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, K: tl.cons
         pm, pn = _grouped_tile(tl.program_id(0), n_m, n_n, GROUP_M)
         _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, pm * BM, pn * BN, k_tiles, r_chunks, W_KN,
                             HAS_BIAS, STORE_TMA, BM, BN, BK)
+
+
+# ----------------------------------------------------------------------------- LoRA: gb and dB from one read of g
+@jit
+def low_rank_grads(G, BS, XA, GB_PART, DB_PART, n_rows, n_cols, rank, stride_bs_k, stride_bs_c, stride_xa, scaling,
+                   COLS_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """GB_PART[j, rows] = g[rows, split j] Bs[:, split j]^T;  DB_PART[i, cols] = s g[block i, cols]^T xa[block i].
+
+    Program (i, j): row block i (BLOCK_M rows) x column split j. It keeps its rows' gb in registers
+    across the split (partial over splits) and writes each column tile's dB (partial over row
+    blocks); the caller sums both. Bs (r, out) is read with strides, so s B (out, r) serves as is.
+    """
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_R)
+    row_ok, k_ok = rows < n_rows, ks < rank
+    xa = tl.load(XA + rows[:, None].to(tl.int64) * stride_xa + ks[None, :],
+                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)                       # (BM, BR)
+    gb = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for c in range(0, COLS_PER_SPLIT, BLOCK_N):  # COLS_PER_SPLIT: a multiple of BLOCK_N
+        cols = pid_s * COLS_PER_SPLIT + c + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        g = tl.load(G + rows[:, None].to(tl.int64) * n_cols + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)                  # (BM, BN)
+        bst = tl.load(BS + ks[None, :] * stride_bs_k + cols[:, None] * stride_bs_c,
+                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)                  # (BN, BR)
+        gb = tl.dot(g, bst, gb)
+        db = tl.dot(tl.trans(g), xa)                                                    # (BN, BR)
+        tl.store(DB_PART + (pid_m * n_cols + cols[:, None]).to(tl.int64) * BLOCK_R + ks[None, :],
+                 db * scaling, mask=col_ok[:, None])
+    tl.store(GB_PART + (pid_s * n_rows + rows[:, None]).to(tl.int64) * BLOCK_R + ks[None, :], gb,
+             mask=row_ok[:, None])
