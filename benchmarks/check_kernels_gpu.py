@@ -26,6 +26,7 @@ from peftkit.kernels import norm as rn
 from peftkit.kernels import rope as rp
 from peftkit.kernels import swiglu as sw
 from peftkit.kernels.backend import use_triton
+from peftkit.quant import nf4
 
 TOL = 2e-2
 
@@ -252,6 +253,12 @@ def check_lora(device, dtype, small, rows):
     ref = lambda x, a, bb: ll.lora_linear_reference(x, w.to(x.dtype), b.to(x.dtype), a.to(x.dtype), bb.to(x.dtype), 2.0)  # noqa: E731
     a32, bb32 = (t.detach().float().requires_grad_() for t in (a, bb))
     compare("lora_linear_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows, forced=True)
+    # the same over a 4-bit (NF4, double-quantized) base: W is rebuilt and handed to the one GEMM
+    packed, state = nf4.quantize_4bit(w.float(), "nf4", 64, double_quant=True)
+    w4 = nf4.dequantize_4bit(packed, state, dtype)
+    fast = lambda x, a, bb: ll.lora_linear(x, packed, b, a, bb, 2.0, state)  # noqa: E731
+    ref = lambda x, a, bb: ll.lora_linear_reference(x, w4.to(x.dtype), b.to(x.dtype), a.to(x.dtype), bb.to(x.dtype), 2.0)  # noqa: E731
+    compare("lora_nf4_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows, forced=True)
 
 
 @contextlib.contextmanager

@@ -175,15 +175,17 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
         A = lora_A.to(x.dtype)                               # (r, in)
         xa = x2 @ A.t()                                      # (N, r)
-        one_gemm = quant is None and lora_gemm.fits(x2, weight, A.shape[0])
+        absmax = decoded_absmax(quant)
+        w = frozen_weight(weight, quant, x.dtype, absmax)    # (out, in); a 4-bit base: rebuilt, dropped after
+        one_gemm = lora_gemm.fits(x2, w, A.shape[0])
         bs = scaled_b(lora_B, scaling, x.dtype, one_gemm)    # (out, r) or (r, out)
         b = None if bias is None else bias.to(x.dtype)
-        absmax = decoded_absmax(quant)
         if one_gemm:
-            y = lora_gemm.launch(x2, weight, xa, bs, b)   # x W^T + xa (s B)^T + b, one pass
+            y = lora_gemm.launch(x2, w, xa, bs, b)           # x W^T + xa (s B)^T + b, one pass
         else:
             y = low_rank_expand(xa, bs, b)                   # (N, out)
-            y.addmm_(x2, frozen_weight(weight, quant, x.dtype, absmax).t())  # y += x W^T
+            y.addmm_(x2, w.t())                              # y += x W^T
+        del w
         ctx.save_for_backward(x2, xa, weight, A, bs, *([] if absmax is None else [absmax]))
         ctx.scaling, ctx.quant, ctx.one_gemm = scaling, quant, one_gemm
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
@@ -198,10 +200,10 @@ class _LoraLinear(torch.autograd.Function):
                                 ctx.needs_input_grad[4])     # (N, r), (out, r)
         dx = dA = None
         if ctx.needs_input_grad[0]:
-            if ctx.quant is None and lora_gemm.fits(g, weight, A.shape[0], w_kn=True):
-                dx = lora_gemm.launch(g, weight, gb, A, w_kn=True)  # g W + gb A, one pass
+            w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
+            if lora_gemm.fits(g, w, A.shape[0], w_kn=True):
+                dx = lora_gemm.launch(g, w, gb, A, w_kn=True)  # g W + gb A, one pass
             else:
-                w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
                 dx = low_rank_expand(gb, A).addmm_(g, w)     # (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:

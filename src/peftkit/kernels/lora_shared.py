@@ -58,18 +58,21 @@ class _LoraLinearsShared(torch.autograd.Function):
         A = torch.cat([a.to(x.dtype) for a in As])                       # (R, in)
         xa = x2 @ A.t()                                                  # (N, R)
         ranks = [a.shape[0] for a in As]
-        one_gemm = [q is None and lora_gemm.fits(x2, w, r) for w, q, r in zip(weights, quants, ranks)]
-        bss = [scaled_b(b, s, x.dtype, one) for b, s, one in zip(Bs, scalings, one_gemm)]  # (out_i, r_i) or (r_i, out_i)
         absmaxes = [decoded_absmax(q) for q in quants]
-        ys = []
-        for xa_i, bs, w, b, q, am, one in zip(xa.split(ranks, dim=1), bss, weights, biases, quants, absmaxes, one_gemm):
+        ys, bss, one_gemm = [], [], []
+        for xa_i, w, b, q, am, b_i, s in zip(xa.split(ranks, dim=1), weights, biases, quants, absmaxes, Bs, scalings):
+            w = frozen_weight(w, q, x.dtype, am)                        # a 4-bit base: rebuilt, dropped after
+            one = lora_gemm.fits(x2, w, xa_i.shape[1])
+            bs = scaled_b(b_i, s, x.dtype, one)                          # (out_i, r_i) or (r_i, out_i)
             b = None if b is None else b.to(x.dtype)
             if one:
-                y = lora_gemm.launch(x2, w, xa_i, bs, b)              # x W_i^T + xa_i (s_i B_i)^T + b_i
+                y = lora_gemm.launch(x2, w, xa_i, bs, b)                 # x W_i^T + xa_i (s_i B_i)^T + b_i
             else:
                 y = low_rank_expand(xa_i, bs, b)                         # (N, out_i)
-                y.addmm_(x2, frozen_weight(w, q, x.dtype, am).t())
+                y.addmm_(x2, w.t())
             ys.append(y.view(*x.shape[:-1], y.shape[1]))
+            bss.append(bs)
+            one_gemm.append(one)
         ctx.save_for_backward(x2, xa, A, *weights, *bss, *[am for am in absmaxes if am is not None])
         ctx.scalings, ctx.ranks, ctx.quants, ctx.one_gemm = scalings, ranks, quants, one_gemm
         ctx.adapter_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs)]
@@ -100,17 +103,17 @@ class _LoraLinearsShared(torch.autograd.Function):
 
 
 def _dx(gs, weights, quants, absmaxes, gb, A) -> torch.Tensor:
-    """gb A + sum_i g_i W_i into one buffer: the first product that fits `rank_gemm` carries gb A as
-    its extra K block; otherwise gb A is expanded first. The others are added with addmm_ (beta=1)."""
-    first = next((i for i, (g, w, q) in enumerate(zip(gs, weights, quants))
-                  if q is None and lora_gemm.fits(g, w, A.shape[0], w_kn=True)), None)
-    if first is None:
-        dx = low_rank_expand(gb, A)                                      # (N, in)
-    else:
-        dx = lora_gemm.launch(gs[first], weights[first], gb, A, w_kn=True)
-    for i, (g, w, q, am) in enumerate(zip(gs, weights, quants, absmaxes)):
-        if i != first:
-            dx.addmm_(g, frozen_weight(w, q, g.dtype, am))               # += g_i W_i
+    """gb A + sum_i g_i W_i into one buffer: the first product carries gb A as its extra K block where
+    it fits `rank_gemm`, else gb A is expanded first; the others are added with addmm_ (beta=1)."""
+    dx = None
+    for g, w, q, am in zip(gs, weights, quants, absmaxes):
+        w = frozen_weight(w, q, g.dtype, am)                             # a 4-bit base: rebuilt, dropped after
+        if dx is not None:
+            dx.addmm_(g, w)                                              # += g_i W_i
+        elif lora_gemm.fits(g, w, A.shape[0], w_kn=True):
+            dx = lora_gemm.launch(g, w, gb, A, w_kn=True)                # g_1 W_1 + gb A, one pass
+        else:
+            dx = low_rank_expand(gb, A).addmm_(g, w)                     # (N, in)
     return dx
 
 
