@@ -36,34 +36,9 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from peftkit.kernels import lora_gemm
+from peftkit.kernels import triton_kernels as tk
 from peftkit.kernels.backend import cdiv
 from peftkit.kernels.lora_linear import mm_as
-
-
-@triton.jit
-def low_rank_grads(G, BS, XA, GB_PART, DB_PART, n_rows, n_cols, rank, stride_xa, scaling, cols_per_split: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """GB_PART[j, rows] = g[rows, split j] Bs[:, split j]^T;  DB_PART[i, cols] = s g[block i, cols]^T xa[block i]."""
-    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_R)
-    row_ok, k_ok = rows < n_rows, ks < rank
-    xa = tl.load(XA + rows[:, None].to(tl.int64) * stride_xa + ks[None, :],
-                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)                       # (BM, BR)
-    gb = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for c in range(0, cols_per_split, BLOCK_N):  # cols_per_split: a multiple of BLOCK_N
-        cols = pid_s * cols_per_split + c + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        g = tl.load(G + rows[:, None].to(tl.int64) * n_cols + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)                  # (BM, BN)
-        bst = tl.load(BS + ks[None, :] * n_cols + cols[:, None],
-                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)                  # (BN, BR)
-        gb = tl.dot(g, bst, gb)
-        db = tl.dot(tl.trans(g), xa)                                                    # (BN, BR)
-        tl.store(DB_PART + (pid_m * n_cols + cols[:, None]).to(tl.int64) * BLOCK_R + ks[None, :],
-                 db * scaling, mask=col_ok[:, None])
-    tl.store(GB_PART + (pid_s * n_rows + rows[:, None]).to(tl.int64) * BLOCK_R + ks[None, :], gb,
-             mask=row_ok[:, None])
 
 
 def fused_grads(g, bs, xa, scaling, tile):
@@ -75,9 +50,9 @@ def fused_grads(g, bs, xa, scaling, tile):
     splits = cdiv(out, per_split)
     gb_part = g.new_empty(splits, n, br, dtype=torch.float32)
     db_part = g.new_empty(cdiv(n, bm), out, br, dtype=torch.float32)
-    low_rank_grads[(cdiv(n, bm), splits)](g, bs, xa, gb_part, db_part, n, out, r, xa.stride(0), scaling, per_split,
-                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-                                          num_warps=warps, num_stages=stages)
+    tk.low_rank_grads[(cdiv(n, bm), splits)](g, bs, xa, gb_part, db_part, n, out, r, bs.stride(0), bs.stride(1),
+                                             xa.stride(0), scaling, COLS_PER_SPLIT=per_split,
+                                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=warps, num_stages=stages)
     gb = gb_part.sum(0, dtype=g.dtype)
     db = db_part.sum(0)
     return (gb, db) if r == br else (gb[:, :r], db[:, :r])
