@@ -6,10 +6,11 @@
 Both are [x | xa] [W | s B]^T: a GEMM whose K runs over the `in` columns of x and then r more.
 `rank_gemm` (triton_kernels) loads that last K block from xa and s B through their own TMA
 descriptors, so the low-rank term is neither written out (low_rank_expand) nor read back (addmm_
-with beta=1), and y is rounded once. Measured on an H100 (benchmarks/NOTES.md, run 11): the plain
-persistent TMA GEMM runs at 0.94-1.03x of cuBLAS on the 1B shapes, and with the rank block
-1.04-1.12x faster than expand + addmm_ where `out` and `in` are >= 2048; at out = 512 it is slower,
-so narrower products keep the two-kernel path (`fits`).
+with beta=1), and y is rounded once (which keeps LoRA terms below half a bf16 step of the base
+output that a rounded base would drop). Measured on an H100 (benchmarks/NOTES.md, run 11): the
+plain persistent TMA GEMM runs at 0.89-1.03x of cuBLAS on the 1B shapes, and with the rank block
+1.01-1.11x faster than expand + addmm_ where `out` and `in` are >= 2048; at out = 512 it is
+slower, so narrower products keep the two-kernel path (`fits`).
 """
 
 from __future__ import annotations
