@@ -98,6 +98,6 @@ def launch(x, w, p, q, bias=None, w_kn: bool = False) -> torch.Tensor:
     else:  # Triton's CPU interpreter: one tile per program
         programs = n_tiles
     tk.rank_gemm[(programs,)](x, w, p, q, bias if bias is not None else y, y, m, n, p.stride(0), q.stride(0), n_tiles,
-                              K=k, RANK=r, W_KN=w_kn, HAS_BIAS=bias is not None,
-                              PROGRAMS=programs, PERSISTENT=x.is_cuda, **TILE)
+                              programs, K=k, RANK=r, W_KN=w_kn, HAS_BIAS=bias is not None,
+                              PERSISTENT=x.is_cuda, **TILE)
     return y

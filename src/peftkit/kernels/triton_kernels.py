@@ -19,8 +19,8 @@ except ImportError:  # CPU box without Triton: keep the module importable
     class tl:  # noqa: N801 - stands in for triton.language so the annotations below evaluate
         constexpr = None
 
-    def jit(fn):
-        return fn
+    def jit(fn=None, **options):  # also as jit(do_not_specialize=...)
+        return fn if fn is not None else (lambda f: f)
 
 
 # ----------------------------------------------------------------------------- RMSNorm
@@ -244,17 +244,18 @@ def _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, om, on, K_TILES: tl.
                  mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-@jit
-def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, K: tl.constexpr, RANK: tl.constexpr,
+@jit(do_not_specialize=["M", "n_tiles", "programs"])  # token counts vary by batch: one compile serves all
+def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, programs, K: tl.constexpr, RANK: tl.constexpr,
               W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr, PROGRAMS: tl.constexpr, PERSISTENT: tl.constexpr):
+              GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr, PERSISTENT: tl.constexpr):
     """Y = X W^T + P Q^T (+ BIAS), or with W_KN: Y = X W + P Q. One rounding, float32 accumulators.
 
     X (M, K); W (N, K) or (K, N); P (M, RANK) with row stride stride_p (a column slice of a wider
     matrix is read in place); Q (N, RANK) or (RANK, N) with row stride stride_q. Every operand goes
     through a Hopper TMA descriptor. The rank block is simply more K blocks of the same GEMM, 16
-    columns each (read past RANK as zeros): one small shared-memory buffer whatever the rank. PERSISTENT: PROGRAMS programs walk the
-    tiles; else one tile per program (the form Triton's CPU interpreter runs).
+    columns each (read past RANK as zeros): one small shared-memory buffer whatever the rank.
+    PERSISTENT: `programs` programs walk the tiles (a run-time value, so batches of other lengths
+    reuse the compiled kernel); else one tile per program (the form Triton's CPU interpreter runs).
     """
     x_d = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
     p_d = tl.make_tensor_descriptor(P, shape=[M, RANK], strides=[stride_p, 1], block_shape=[BM, 16])
@@ -269,7 +270,7 @@ def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, K: tl.cons
     k_tiles: tl.constexpr = (K + BK - 1) // BK
     r_chunks: tl.constexpr = (RANK + 15) // 16
     if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), n_tiles, PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), n_tiles, programs, flatten=True):
             pm, pn = _grouped_tile(tile, n_m, n_n, GROUP_M)
             _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, pm * BM, pn * BN, k_tiles, r_chunks, W_KN,
                             HAS_BIAS, STORE_TMA, BM, BN, BK)
