@@ -14,8 +14,8 @@ no attention mask: causal SDPA):
                  (input embeddings require grad), patched like peftkit: our ceiling
   frozen_hf      the same, unpatched: transformers' own ceiling
   peftkit_unshared (diagnostic, not run by default) peftkit with q,k,v and gate,up each run alone
-  peftkit_twokernel (diagnostic, not run by default) peftkit with the one-GEMM LoRA path off
-                    (lora_gemm: expand + addmm_ instead, the path before run 11)
+  peftkit_twokernel (diagnostic, not run by default) peftkit on the path before run 11: expand +
+                    addmm_ instead of one GEMM (lora_gemm), two products for gb and dB
                  (run 5's path), for an A/B of lora_linears_shared in one process
   peftkit_plain  (diagnostic, not run by default) peftkit's LoRA without patch_model
   *_graph        the same contender with the whole step (forward, backward, optimizer) recorded
@@ -209,16 +209,17 @@ def free_memory():
 # ----------------------------------------------------------------------------- one contender
 @contextlib.contextmanager
 def kernel_choice(contender: str):
-    """While a peftkit_twokernel contender runs, the LoRA nodes skip the one-GEMM path (A/B in one process)."""
-    from peftkit.kernels import lora_gemm
+    """While a peftkit_twokernel contender runs, the LoRA nodes take the path from before run 11: no
+    one-GEMM products and no one-pass gb / dB (A/B in one process)."""
+    from peftkit.kernels import lora_gemm, lora_linear
 
-    saved = lora_gemm.MIN_SIDE
+    saved = lora_gemm.MIN_SIDE, lora_linear.GRADS_MIN_OUT
     if contender.removesuffix(GRAPH) == "peftkit_twokernel":
-        lora_gemm.MIN_SIDE = 1 << 62
+        lora_gemm.MIN_SIDE = lora_linear.GRADS_MIN_OUT = 1 << 62
     try:
         yield
     finally:
-        lora_gemm.MIN_SIDE = saved
+        lora_gemm.MIN_SIDE, lora_linear.GRADS_MIN_OUT = saved
 
 
 def run_contender(contender, shape, checkpointing, args, peak) -> Result:
