@@ -21,7 +21,7 @@ import torch
 from triton.testing import do_bench
 
 from peftkit.kernels import lora_gemm as lg
-from peftkit.kernels.lora_linear import low_rank_expand
+from peftkit.kernels import lora_linear as ll
 
 TILES = [dict(lg.TILE)] + [dict(lg.TILE, **change) for change in (
     dict(BM=256, BN=128), dict(BK=32, num_stages=6), dict(BM=256, BN=128, BK=32, num_stages=6),
@@ -46,7 +46,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     m, r = 8192, 16
-    default, min_side = dict(lg.TILE), lg.MIN_SIDE
+    default = dict(lg.TILE)
     print(f"M={m} r={r} bf16, {torch.cuda.get_device_name()}; median ms, TF/s of the base GEMM in brackets")
     for shape in args.shapes.split(","):
         for label, layout, k, n in SHAPES[shape]:
@@ -60,26 +60,26 @@ def main():
             ref = lg.rank_gemm_reference(x.double(), w.double(), p.double(), q.double(), None, w_kn)
             tf = lambda ms: 2 * m * n * k / ms / 1e9  # noqa: E731
             t_mm = time_ms(lambda: torch.mm(x, wt))
-            t_two = time_ms(lambda: low_rank_expand(p, qt).addmm_(x, wt))
+            t_two = time_ms(lambda: ll.low_rank_expand(p, qt).addmm_(x, wt))
             print(f"\n{shape} {label} ({layout}, K={k}, N={n}): torch.mm {t_mm:.3f} ({tf(t_mm):.0f}), "
                   f"expand+addmm_ {t_two:.3f}; fits: {lg.fits(x, w, r, w_kn)}")
-            lg.MIN_SIDE = 0  # time the kernel on every shape, including those `fits` leaves to cuBLAS
-            for tile in TILES if args.tiles else TILES[:1]:
-                lg.TILE.clear()
-                lg.TILE.update(tile)
-                try:
-                    got = lg.rank_gemm(x, w, p, q, None, w_kn)
-                    err = ((got.double() - ref).norm() / ref.norm()).item()
-                    t_one = time_ms(lambda: lg.rank_gemm(x, w, p, q, None, w_kn))
-                    t_plain = time_ms(lambda: lg.rank_gemm(x, w, zero, q, None, w_kn))
-                    print(f"  {tile}: one GEMM {t_one:.3f} ({t_two / t_one:.2f}x two-kernel path, "
-                          f"{t_mm / t_one:.2f}x of mm's speed); same kernel, P = 0: {t_plain:.3f}; rel err {err:.1e}")
-                except Exception as exc:  # a tile that does not fit this card: say so and go on
-                    print(f"  {tile}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            # every shape, including those `fits` leaves to cuBLAS
+            with ll.size_floors(0, ll.GRADS_MIN_OUT):
+                for tile in TILES if args.tiles else TILES[:1]:
+                    lg.TILE.clear()
+                    lg.TILE.update(tile)
+                    try:
+                        got = lg.rank_gemm(x, w, p, q, None, w_kn)
+                        err = ((got.double() - ref).norm() / ref.norm()).item()
+                        t_one = time_ms(lambda: lg.rank_gemm(x, w, p, q, None, w_kn))
+                        t_plain = time_ms(lambda: lg.rank_gemm(x, w, zero, q, None, w_kn))
+                        print(f"  {tile}: one GEMM {t_one:.3f} ({t_two / t_one:.2f}x two-kernel path, "
+                              f"{t_mm / t_one:.2f}x of mm's speed); same kernel, P = 0: {t_plain:.3f}; "
+                              f"rel err {err:.1e}")
+                    except Exception as exc:  # a tile that does not fit this card: say so and go on
+                        print(f"  {tile}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             lg.TILE.clear()
             lg.TILE.update(default)
-            lg.MIN_SIDE = min_side
-
 
 if __name__ == "__main__":
     main()

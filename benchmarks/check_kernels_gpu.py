@@ -67,7 +67,7 @@ def time_ms(fn, inputs, reps=20):
 def compare(name, fast, ref, inputs, truth_inputs, rows, forced=False):
     """forced: the fast path runs with the size floors of lora_gemm and low_rank_grads at 0, forward and
     backward (both decide again in backward)."""
-    with every_size() if forced else contextlib.nullcontext():
+    with ll.size_floors(0, 0) if forced else contextlib.nullcontext():
         got = run_op(fast, inputs)
     want = run_op(ref, inputs)
     truth = run_op(ref, truth_inputs)
@@ -259,17 +259,6 @@ def check_lora(device, dtype, small, rows):
     fast = lambda x, a, bb: ll.lora_linear(x, packed, b, a, bb, 2.0, state)  # noqa: E731
     ref = lambda x, a, bb: ll.lora_linear_reference(x, w4.to(x.dtype), b.to(x.dtype), a.to(x.dtype), bb.to(x.dtype), 2.0)  # noqa: E731
     compare("lora_nf4_1gemm", fast, ref, [x, a32, bb32], as64([x, a32, bb32]), rows, forced=True)
-
-
-@contextlib.contextmanager
-def every_size():
-    """lora_gemm's one-GEMM path, and the one-pass gb / dB, taken at every size."""
-    saved = lg.MIN_SIDE, ll.GRADS_MIN_OUT
-    lg.MIN_SIDE = ll.GRADS_MIN_OUT = 0
-    try:
-        yield
-    finally:
-        lg.MIN_SIDE, ll.GRADS_MIN_OUT = saved
 
 
 def check_lora_shared(device, dtype, small, rows):

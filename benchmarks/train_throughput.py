@@ -207,19 +207,14 @@ def free_memory():
 
 
 # ----------------------------------------------------------------------------- one contender
-@contextlib.contextmanager
 def kernel_choice(contender: str):
-    """While a peftkit_twokernel contender runs, the LoRA nodes take the path from before run 11: no
-    one-GEMM products and no one-pass gb / dB (A/B in one process)."""
-    from peftkit.kernels import lora_gemm, lora_linear
+    """A context in which a peftkit_twokernel contender's LoRA nodes take the path from before run 11:
+    no one-GEMM products and no one-pass gb / dB (A/B in one process)."""
+    from peftkit.kernels import lora_linear
 
-    saved = lora_gemm.MIN_SIDE, lora_linear.GRADS_MIN_OUT
     if contender.removesuffix(GRAPH) == "peftkit_twokernel":
-        lora_gemm.MIN_SIDE = lora_linear.GRADS_MIN_OUT = 1 << 62
-    try:
-        yield
-    finally:
-        lora_gemm.MIN_SIDE, lora_linear.GRADS_MIN_OUT = saved
+        return lora_linear.size_floors(1 << 62, 1 << 62)
+    return contextlib.nullcontext()
 
 
 def run_contender(contender, shape, checkpointing, args, peak) -> Result:

@@ -42,6 +42,8 @@ decoded once in forward and kept for backward (one float per 64 weights).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from peftkit.quant import nf4
@@ -169,6 +171,49 @@ def low_rank_grads(g, bs, out_major: bool, xa, scaling: float, b_dtype: torch.dt
     return gb, db.to(b_dtype)
 
 
+def lora_product(x2, weight, quant, absmax, xa, lora_B, scaling: float, bias):
+    """(y, bs, one_gemm) for one frozen linear: y = x W^T + xa (s B)^T + b (N, out) as one GEMM where
+    `lora_gemm.fits`, else the expand first and x W^T added with addmm_ (beta=1); bs is s B in the
+    layout that path reads (`scaled_b`). A 4-bit base is rebuilt for this product and dropped after."""
+    w = frozen_weight(weight, quant, x2.dtype, absmax)                   # (out, in)
+    one_gemm = lora_gemm.fits(x2, w, xa.shape[1])
+    bs = scaled_b(lora_B, scaling, x2.dtype, one_gemm)                   # (out, r) or (r, out)
+    b = None if bias is None else bias.to(x2.dtype)
+    if one_gemm:
+        return lora_gemm.launch(x2, w, xa, bs, b), bs, True
+    return low_rank_expand(xa, bs, b).addmm_(x2, w.t()), bs, False
+
+
+def input_grad(gs, weights, quants, absmaxes, gb, A) -> torch.Tensor:
+    """gb A + sum_i g_i W_i (N, in) into one buffer, for one linear or several that read the same input.
+    The first product carries gb A as its extra K block where it fits `rank_gemm`, else gb A is
+    expanded first; the others are added with addmm_ (beta=1). 4-bit bases: rebuilt, dropped after."""
+    dx = None
+    for g, w, q, am in zip(gs, weights, quants, absmaxes):
+        w = frozen_weight(w, q, g.dtype, am)
+        if dx is not None:
+            dx.addmm_(g, w)                                              # += g_i W_i
+        elif lora_gemm.fits(g, w, A.shape[0], w_kn=True):
+            dx = lora_gemm.launch(g, w, gb, A, w_kn=True)                # g_1 W_1 + gb A, one pass
+        else:
+            dx = low_rank_expand(gb, A).addmm_(g, w)
+    return dx
+
+
+@contextlib.contextmanager
+def size_floors(min_side: int, grads_min_out: int):
+    """Within: the one-GEMM path (`lora_gemm.MIN_SIDE`) and the one-pass gb / dB (`GRADS_MIN_OUT`)
+    use these floors instead; 0 takes them at every size, a huge value turns them off (the kernel
+    checks and A/B runs of the benchmarks)."""
+    global GRADS_MIN_OUT
+    saved = lora_gemm.MIN_SIDE, GRADS_MIN_OUT
+    lora_gemm.MIN_SIDE, GRADS_MIN_OUT = min_side, grads_min_out
+    try:
+        yield
+    finally:
+        lora_gemm.MIN_SIDE, GRADS_MIN_OUT = saved
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, quant):
@@ -176,16 +221,7 @@ class _LoraLinear(torch.autograd.Function):
         A = lora_A.to(x.dtype)                               # (r, in)
         xa = x2 @ A.t()                                      # (N, r)
         absmax = decoded_absmax(quant)
-        w = frozen_weight(weight, quant, x.dtype, absmax)    # (out, in); a 4-bit base: rebuilt, dropped after
-        one_gemm = lora_gemm.fits(x2, w, A.shape[0])
-        bs = scaled_b(lora_B, scaling, x.dtype, one_gemm)    # (out, r) or (r, out)
-        b = None if bias is None else bias.to(x.dtype)
-        if one_gemm:
-            y = lora_gemm.launch(x2, w, xa, bs, b)           # x W^T + xa (s B)^T + b, one pass
-        else:
-            y = low_rank_expand(xa, bs, b)                   # (N, out)
-            y.addmm_(x2, w.t())                              # y += x W^T
-        del w
+        y, bs, one_gemm = lora_product(x2, weight, quant, absmax, xa, lora_B, scaling, bias)  # (N, out)
         ctx.save_for_backward(x2, xa, weight, A, bs, *([] if absmax is None else [absmax]))
         ctx.scaling, ctx.quant, ctx.one_gemm = scaling, quant, one_gemm
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
@@ -200,11 +236,7 @@ class _LoraLinear(torch.autograd.Function):
                                 ctx.needs_input_grad[4])     # (N, r), (out, r)
         dx = dA = None
         if ctx.needs_input_grad[0]:
-            w = frozen_weight(weight, ctx.quant, g.dtype, absmax)
-            if lora_gemm.fits(g, w, A.shape[0], w_kn=True):
-                dx = lora_gemm.launch(g, w, gb, A, w_kn=True)  # g W + gb A, one pass
-            else:
-                dx = low_rank_expand(gb, A).addmm_(g, w)     # (N, in)
+            dx = input_grad([g], [weight], [ctx.quant], [absmax], gb, A)  # g W + gb A (N, in)
             dx = dx.view(*grad_y.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[3]:
             dA = mm_as(gb.t(), x2, ctx.adapter_dtypes[0])    # (r, in)

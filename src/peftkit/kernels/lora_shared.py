@@ -34,9 +34,8 @@ import functools
 
 import torch
 
-from . import lora_gemm
-from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight,
-                          lora_linear_reference, low_rank_expand, low_rank_grads, mm_as, scaled_b)
+from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight, input_grad,
+                          lora_linear_reference, lora_product, low_rank_grads, mm_as)
 
 
 def lora_linears_shared_reference(x, layers) -> list[torch.Tensor]:
@@ -60,16 +59,9 @@ class _LoraLinearsShared(torch.autograd.Function):
         ranks = [a.shape[0] for a in As]
         absmaxes = [decoded_absmax(q) for q in quants]
         ys, bss, one_gemm = [], [], []
-        for xa_i, w, b, q, am, b_i, s in zip(xa.split(ranks, dim=1), weights, biases, quants, absmaxes, Bs, scalings):
-            w = frozen_weight(w, q, x.dtype, am)                        # a 4-bit base: rebuilt, dropped after
-            one = lora_gemm.fits(x2, w, xa_i.shape[1])
-            bs = scaled_b(b_i, s, x.dtype, one)                          # (out_i, r_i) or (r_i, out_i)
-            b = None if b is None else b.to(x.dtype)
-            if one:
-                y = lora_gemm.launch(x2, w, xa_i, bs, b)                 # x W_i^T + xa_i (s_i B_i)^T + b_i
-            else:
-                y = low_rank_expand(xa_i, bs, b)                         # (N, out_i)
-                y.addmm_(x2, w.t())
+        for xa_i, w, bias, q, am, lora_b, s in zip(xa.split(ranks, dim=1), weights, biases, quants, absmaxes, Bs,
+                                                   scalings):
+            y, bs, one = lora_product(x2, w, q, am, xa_i, lora_b, s, bias)  # (N, out_i)
             ys.append(y.view(*x.shape[:-1], y.shape[1]))
             bss.append(bs)
             one_gemm.append(one)
@@ -91,7 +83,7 @@ class _LoraLinearsShared(torch.autograd.Function):
         gb = torch.cat([gb_i for gb_i, _ in pairs], dim=1)               # (N, R)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _dx(gs, weights, ctx.quants, absmaxes, gb, A)
+            dx = input_grad(gs, weights, ctx.quants, absmaxes, gb, A)
             dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
         common = functools.reduce(torch.promote_types, [a for a, _ in ctx.adapter_dtypes])
         dA = mm_as(gb.t(), x2, common).split(ctx.ranks)                  # (r_i, in) each
@@ -100,21 +92,6 @@ class _LoraLinearsShared(torch.autograd.Function):
             need_a = ctx.needs_input_grad[3 + 4 * i + 2]
             out += [None, None, dA[i].to(ctx.adapter_dtypes[i][0]) if need_a else None, db]
         return (dx, None, None, *out)
-
-
-def _dx(gs, weights, quants, absmaxes, gb, A) -> torch.Tensor:
-    """gb A + sum_i g_i W_i into one buffer: the first product carries gb A as its extra K block where
-    it fits `rank_gemm`, else gb A is expanded first; the others are added with addmm_ (beta=1)."""
-    dx = None
-    for g, w, q, am in zip(gs, weights, quants, absmaxes):
-        w = frozen_weight(w, q, g.dtype, am)                             # a 4-bit base: rebuilt, dropped after
-        if dx is not None:
-            dx.addmm_(g, w)                                              # += g_i W_i
-        elif lora_gemm.fits(g, w, A.shape[0], w_kn=True):
-            dx = lora_gemm.launch(g, w, gb, A, w_kn=True)                # g_1 W_1 + gb A, one pass
-        else:
-            dx = low_rank_expand(gb, A).addmm_(g, w)                     # (N, in)
-    return dx
 
 
 def lora_linears_shared(x, layers) -> list[torch.Tensor]:
