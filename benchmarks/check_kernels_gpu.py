@@ -107,6 +107,7 @@ def check_all(device, dtype, small):
     check_low_rank_grads(device, dtype, small, rows)
     check_lora(device, dtype, small, rows)
     check_lora_shared(device, dtype, small, rows)
+    check_fast_launch(device, dtype, rows)
     return rows
 
 
@@ -146,6 +147,47 @@ def check_expand(device, dtype, small, rows):
     p, q, bias = make(device, dtype, (n, r), (r, fout), (fout,), grads=[False] * 3, seed=6)
     compare("low_rank_expand", lambda p, q, b: ll.low_rank_expand(p, q, b),
             lambda p, q, b: torch.addmm(b, p, q), [p, q, bias], as64([p, q, bias]), rows)
+
+
+def check_fast_launch(device, dtype, rows):
+    """launch.Kernel's repeat launches against Triton's own path (kernel.fn[grid]): bit-identical
+    outputs, the fast path taken, and an input that Triton specialises differently (a misaligned
+    column slice, another constexpr) sent back through Triton. CUDA only: elsewhere Triton's path
+    is the only one."""
+    if device != "cuda":
+        return
+    from peftkit.kernels import triton_kernels as tk
+
+    n, h, r = 300, 1024, 16
+    x, w = make(device, dtype, (n, h), (h,), grads=[False, False], seed=11)
+    wide, q = make(device, dtype, (n, r + 3), (r, h), grads=[False, False], seed=12)
+
+    def norm_args():
+        return (x, w, torch.empty_like(x), torch.empty(n, device=device), h, 1e-5), dict(BLOCK=h)
+
+    def expand_args(p, block_r=16):
+        return ((p, q, p, torch.empty(n, h, device=device, dtype=dtype), n, h, r, p.stride(0)),
+                dict(HAS_BIAS=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, num_warps=4))
+
+    cases = [("rms_norm_fwd", tk.rms_norm_fwd, (n,), norm_args, 2),
+             ("expand_aligned", tk.low_rank_expand, (5, 8), lambda: expand_args(wide[:, :r]), 3),
+             ("expand_misaligned", tk.low_rank_expand, (5, 8), lambda: expand_args(wide[:, 3:]), 3),
+             ("expand_block_r32", tk.low_rank_expand, (5, 8), lambda: expand_args(wide[:, :r], 32), 3)]
+    for name, kern, grid, build, out in cases:
+        args, kwargs = build()
+        kern.fn[grid](*args, **kwargs)
+        want = args[out].clone()
+        args, kwargs = build()
+        before, compiled_before = kern.fast_launches, len(kern.compiled)
+        for _ in range(3):  # the first may take Triton's path (a new specialisation)
+            args[out].zero_()
+            kern[grid](*args, **kwargs)
+        new_keys = len(kern.compiled) - compiled_before
+        fast = kern.fast_launches - before
+        same = (args[out] == want).float().mean().item()
+        ok = same == 1.0 and fast >= 2 and new_keys <= 1
+        rows.append((f"fast_launch.{name}", 0.0, 0.0, same, ok))
+        print(f"fast_launch.{name}: {fast} of 3 launches fast, {new_keys} new specialisation(s)")
 
 
 def check_rank_gemm(device, dtype, small, rows):

@@ -22,6 +22,7 @@ from torch import nn
 
 from peftkit.engine import targets
 from peftkit.engine.layer import BASE, AdapterLayer, ModulesToSave, check_finite
+from peftkit.kernels import adapter_casts
 from peftkit.registry import method_for_config
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -62,14 +63,15 @@ class AdapterModel(nn.Module):
         self.set_adapter(adapter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        found = self._input_adapter("prepare_inputs")
-        if found is None:
-            return self.model(*args, **kwargs)
-        hook, name = found
-        if args:  # the hook rewrites input_ids, so take it by name
-            kwargs = {"input_ids": args[0], **kwargs}
-            args = args[1:]
-        return self.model(*args, **hook(name, kwargs))
+        with adapter_casts.scope():  # one pass: fused LoRA nodes cast their factors once for all
+            found = self._input_adapter("prepare_inputs")
+            if found is None:
+                return self.model(*args, **kwargs)
+            hook, name = found
+            if args:  # the hook rewrites input_ids, so take it by name
+                kwargs = {"input_ids": args[0], **kwargs}
+                args = args[1:]
+            return self.model(*args, **hook(name, kwargs))
 
     @contextmanager
     def generating(self) -> Iterator[None]:

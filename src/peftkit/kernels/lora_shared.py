@@ -34,6 +34,7 @@ import functools
 
 import torch
 
+from . import adapter_casts
 from .lora_linear import (apply_outside_autocast, autocast_allows, decoded_absmax, frozen_weight, input_grad,
                           lora_linear_reference, lora_product, low_rank_grads, mm_as)
 
@@ -54,7 +55,7 @@ class _LoraLinearsShared(torch.autograd.Function):
     def forward(ctx, x, scalings, quants, *params):
         x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
         weights, biases, As, Bs = (params[k::4] for k in range(4))
-        A = torch.cat([a.to(x.dtype) for a in As])                       # (R, in)
+        A = torch.cat([adapter_casts.cast(a, x.dtype) for a in As])      # (R, in)
         xa = x2 @ A.t()                                                  # (N, R)
         ranks = [a.shape[0] for a in As]
         absmaxes = [decoded_absmax(q) for q in quants]

@@ -7,6 +7,8 @@ All arithmetic is float32; values are rounded to the storage dtype where the ref
 
 from __future__ import annotations
 
+from .launch import Kernel
+
 try:
     import triton
     import triton.language as tl
@@ -23,8 +25,17 @@ except ImportError:  # CPU box without Triton: keep the module importable
         return fn if fn is not None else (lambda f: f)
 
 
+def kernel(fn=None, **options):
+    """``@jit`` for an entry point the host launches (``name[grid](...)``): wrapped in
+    `launch.Kernel`, whose repeat launches skip Triton's per-call binding. Device functions that
+    other kernels call stay plain ``@jit``."""
+    if fn is None:
+        return lambda f: kernel(f, **options)
+    return Kernel(jit(fn, **options)) if HAS_TRITON else fn
+
+
 # ----------------------------------------------------------------------------- RMSNorm
-@jit
+@kernel
 def rms_norm_fwd(X, W, Y, RSTD, n_cols, eps, BLOCK: tl.constexpr):
     """Y[row] = W * round(X[row] * rstd), rstd = 1 / sqrt(mean(X[row]^2) + eps)."""
     row = tl.program_id(0).to(tl.int64)
@@ -38,7 +49,7 @@ def rms_norm_fwd(X, W, Y, RSTD, n_cols, eps, BLOCK: tl.constexpr):
     tl.store(RSTD + row, rstd)
 
 
-@jit
+@kernel
 def rms_norm_bwd(DY, X, W, RSTD, DX, n_cols, BLOCK: tl.constexpr):
     """DX = rstd * (g - xhat * mean(g * xhat)), g = DY * W, xhat = X * rstd."""
     row = tl.program_id(0).to(tl.int64)
@@ -55,7 +66,7 @@ def rms_norm_bwd(DY, X, W, RSTD, DX, n_cols, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- SwiGLU
-@jit
+@kernel
 def silu_mul_fwd(G, U, H, n, BLOCK: tl.constexpr):
     """H = round(silu(G)) * U."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -66,7 +77,7 @@ def silu_mul_fwd(G, U, H, n, BLOCK: tl.constexpr):
     tl.store(H + offs, (act * u).to(H.dtype.element_ty), mask=mask)
 
 
-@jit
+@kernel
 def silu_mul_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     """DU = DH * silu(G);  DG = DH * U * sig(G) * (1 + G * (1 - sig(G)))."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -81,7 +92,7 @@ def silu_mul_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- cross-entropy
-@jit
+@kernel
 def cross_entropy_rows(LOGITS, LABELS, LOSS, ignore_index, n_cols: tl.constexpr, BLOCK: tl.constexpr):
     """LOSS[row] = logsumexp(z) - z[label]; LOGITS[row] is overwritten with softmax(z) - onehot.
 
@@ -116,7 +127,7 @@ def cross_entropy_rows(LOGITS, LABELS, LOSS, ignore_index, n_cols: tl.constexpr,
 
 
 # ----------------------------------------------------------------------------- RoPE
-@jit
+@kernel
 def rope_token(X, COS, SIN, Y, n_heads, seq, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s,
                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
     """All heads of one token. x = (x1, x2) halves of the head dim, c/s the cos/sin halves.
@@ -168,7 +179,7 @@ def expand_tile(P, Q, BIAS, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constex
     return rows, cols, acc
 
 
-@jit
+@kernel
 def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """Y = P Q (+ BIAS): P (M, r) with row stride stride_p, Q (r, N), Y (M, N) contiguous, r <= BLOCK_R.
@@ -183,7 +194,7 @@ def low_rank_expand(P, Q, BIAS, Y, n_rows, n_cols, rank, stride_p, HAS_BIAS: tl.
 
 
 # ----------------------------------------------------------------------------- 4-bit dequantization
-@jit
+@kernel
 def dequant_4bit(PACKED, CODE, ABSMAX, OUT, n, QBLOCK: tl.constexpr, BYTES: tl.constexpr):
     """OUT[i] = CODE[c_i] * ABSMAX[i // QBLOCK], rounded once to OUT's dtype.
 
@@ -244,7 +255,7 @@ def _rank_gemm_tile(x_d, w_d, p_d, q_d, y_d, Y, BIAS, M, N, om, on, K_TILES: tl.
                  mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-@jit(do_not_specialize=["M", "n_tiles", "programs"])  # token counts vary by batch: one compile serves all
+@kernel(do_not_specialize=["M", "n_tiles", "programs"])  # token counts vary by batch: one compile serves all
 def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, programs, K: tl.constexpr, RANK: tl.constexpr,
               W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr, PERSISTENT: tl.constexpr):
@@ -281,7 +292,7 @@ def rank_gemm(X, W, P, Q, BIAS, Y, M, N, stride_p, stride_q, n_tiles, programs, 
 
 
 # ----------------------------------------------------------------------------- LoRA: gb and dB from one read of g
-@jit
+@kernel
 def low_rank_grads(G, BS, XA, GB_PART, DB_PART, n_rows, n_cols, rank, stride_bs_k, stride_bs_c, stride_xa, scaling,
                    COLS_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """GB_PART[j, rows] = g[rows, split j] Bs[:, split j]^T;  DB_PART[i, cols] = s g[block i, cols]^T xa[block i].

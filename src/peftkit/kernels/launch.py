@@ -1,0 +1,112 @@
+"""Launching our Triton kernels with less host work per call than ``kernel[grid](...)``.
+
+Every eager step issues a few hundred Triton launches (norms, RoPE, SwiGLU, and per LoRA linear
+the one-GEMM products and the rank-r reductions). Triton's own path binds and specialises every
+argument, builds a cache key string and checks globals on each call: 40-80 us of Python per launch
+on the hosts measured (benchmarks/host_cost_gpu.py), which left the eager 1B step host-bound.
+
+`Kernel` wraps one ``@triton.jit`` entry point. Its first launch for a given specialisation goes
+through Triton as usual (compiling if needed) and keeps the CompiledKernel Triton returns; later
+launches with the same specialisation call that kernel's launcher directly. The specialisation
+key is our own and errs on the fine side, so it can only split what Triton would share, never
+share what Triton would split:
+
+  * constexpr parameters: their value
+  * tensors: dtype, and whether the address is 16-byte aligned (Triton's pointer attribute)
+  * ints: == 1, divisible by 16, and which of i32 / i64 / u64 holds it (Triton's int attributes)
+  * floats and bools: their type; anything else (None, dtypes, strings): itself
+  * launch options (num_warps, num_stages, ...), and the current device
+
+Triton's path is kept where this one would not be exact or cannot run: CPU tensors (the
+interpreter), a launch hook installed (profilers read per-launch metadata), torch.compile tracing
+(dynamo knows ``jit_fn[grid](...)``), or another Triton release than the one whose launcher
+signature this calls (FAST_VERSIONS).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton import knobs
+    from triton.runtime import driver
+
+    FAST_VERSIONS = ("3.6.",)  # launcher signature checked against these releases
+    FAST = triton.__version__.startswith(FAST_VERSIONS)
+except ImportError:  # no Triton: nothing is launched anyway
+    FAST = False
+
+_I32 = (-(2**31), 2**31)
+_I64 = (-(2**63), 2**63)
+
+
+def _int_key(v: int) -> tuple:
+    return (v == 1, v % 16 == 0, _I32[0] <= v < _I32[1], _I64[0] <= v < _I64[1])
+
+
+def specialization_key(values: tuple, constexpr: tuple[bool, ...], options: tuple) -> tuple:
+    """Our key for one launch: ``values`` in signature order, ``constexpr`` per position."""
+    key = []
+    for v, const in zip(values, constexpr):
+        if const:
+            key.append(v)
+        elif isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool):
+            key.append(bool)
+        elif isinstance(v, int):
+            key.append(_int_key(v))
+        elif isinstance(v, float):
+            key.append(float)
+        else:
+            key.append(v)
+    return (*key, *options)
+
+
+class Kernel:
+    """A Triton entry point launched as ``kernel[grid](*args, **kwargs)``, like the JITFunction it
+    wraps (``fn``), with the fast path above after the first launch of each specialisation."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = getattr(fn, "params", None) or []
+        self.names = tuple(p.name for p in params)
+        self.constexpr = tuple(bool(p.is_constexpr) for p in params)
+        self.compiled: dict[tuple, object] = {}
+        self.fast_launches = 0  # counted for the checks (benchmarks/check_kernels_gpu.py)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    @staticmethod
+    def fast_path_allowed(grid, args: tuple) -> bool:
+        """CUDA tensors (the first argument tells), a plain grid, no launch hook, a checked release."""
+        first = args[0] if args else None
+        on_cuda = isinstance(first, torch.Tensor) and first.is_cuda
+        hook = knobs.runtime.launch_enter_hook  # None, or a HookChain (3.6: always one; empty unless set)
+        plain = not callable(grid) and not getattr(hook, "calls", hook)
+        return FAST and on_cuda and plain and not torch.compiler.is_compiling()  # dynamo traces fn[grid]
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        if not self.fast_path_allowed(grid, args):
+            return self.fn[grid](*args, **kwargs)
+        try:
+            values = args + tuple(kwargs[name] for name in self.names[len(args):])
+        except KeyError:  # a parameter left to its default: Triton binds it
+            return self.fn[grid](*args, **kwargs)
+        device = driver.active.get_current_device()
+        options = tuple((k, v) for k, v in kwargs.items() if k not in self.names) + (device,)
+        key = specialization_key(values, self.constexpr, options)
+        compiled = self.compiled.get(key)
+        if compiled is None:  # Triton's path: compiles (or finds) the kernel for this specialisation
+            compiled = self.fn[grid](*args, **kwargs)
+            if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
+                self.compiled[key] = compiled
+            return compiled
+        grid = tuple(grid) + (1, 1)
+        stream = driver.active.get_current_stream(device)
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *values)
+        self.fast_launches += 1
+        return compiled
