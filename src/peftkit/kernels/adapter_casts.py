@@ -41,17 +41,44 @@ _ALIGN = 128  # bytes: where each kept copy starts in its flat buffer (rank_gemm
 @dataclass
 class _Entry:
     copy: torch.Tensor
-    version: int   # the parameter's version counter, address and shape when the copy was made
-    address: int
-    shape: torch.Size
     scale: float
     transpose: bool
-    made: int      # the pass that made the copy
-    used: int      # the last pass that read it
+    version: int = -1                  # the parameter's version counter when the copy was made
+    made: int = -1                     # the pass that made the copy
+    used: int = -1                     # the last pass that read it
+    address: int = -1                  # the parameter's storage as planned (below)
+    shape: torch.Size = torch.Size()
+    source: torch.Tensor | None = None  # the parameter as one flat view, where it is contiguous
+    pad: torch.Tensor | None = None     # what follows the copy in the flat buffer, to _ALIGN bytes
 
     def current(self, param: torch.Tensor) -> bool:
-        return (self.made == _STATE["pass"] and param._version == self.version and param.data_ptr() == self.address
-                and param.shape == self.shape)
+        return self.made == _STATE["pass"] and param._version == self.version and self.planned_for(param)
+
+    def planned_for(self, param: torch.Tensor) -> bool:
+        return param.data_ptr() == self.address and param.shape == self.shape
+
+    def plan(self, param: torch.Tensor, dtype: torch.dtype) -> None:
+        """What every refresh of this copy reuses while the parameter keeps its storage."""
+        detached = param.detach()
+        self.address, self.shape = param.data_ptr(), param.shape
+        self.source = detached.view(-1) if detached.is_contiguous() and not self.transpose else None
+        step = _ALIGN // torch.empty((), dtype=dtype).element_size()
+        self.pad = _pad(param.device, param.dtype, step)[:-param.numel() % step]
+
+    def flat_source(self, param: torch.Tensor) -> torch.Tensor:
+        if self.source is not None:
+            return self.source
+        return (param.detach().t() if self.transpose else param.detach()).reshape(-1)  # a copy
+
+
+_PADS: dict[tuple, torch.Tensor] = {}
+
+
+def _pad(device: torch.device, dtype: torch.dtype, size: int) -> torch.Tensor:
+    key = (device, dtype, size)
+    if key not in _PADS:
+        _PADS[key] = torch.zeros(size, dtype=dtype, device=device)
+    return _PADS[key]
 
 
 _ENTRIES = WeakIdKeyDictionary()  # param -> {(dtype, scale, transpose): _Entry}, by identity
@@ -98,9 +125,9 @@ def cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, transpose:
     key = (dtype, scale, transpose)
     entry = entries.get(key)
     if entry is None:
-        copy = fresh_cast(param, dtype, scale, transpose)
-        now = _STATE["pass"]
-        entries[key] = entry = _Entry(copy, param._version, param.data_ptr(), param.shape, scale, transpose, now, now)
+        entries[key] = entry = _Entry(fresh_cast(param, dtype, scale, transpose), scale, transpose,
+                                      version=param._version, made=_STATE["pass"])
+        entry.plan(param, dtype)
     elif not entry.current(param):
         entry.used = _STATE["pass"]
         refresh()  # the first cast of this pass: this copy and every other the last pass read
@@ -111,8 +138,8 @@ def cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, transpose:
 def refresh() -> None:
     """Re-make every copy that is not current and was read in this pass or the last (the adapters
     in use), per (device, dtype): the float32 sources (scaled where asked) concatenated into one
-    new flat buffer of the target dtype, each copy a view of its part. Others wait for their next
-    `cast`."""
+    new flat buffer of the target dtype, each copy a view of its part, each part on _ALIGN bytes
+    (rank_gemm reads A and s B through TMA). Others wait for their next `cast`."""
     now = _STATE["pass"]
     groups: dict[tuple, list[tuple[torch.Tensor, _Entry]]] = {}
     for param, entries in list(_ENTRIES.items()):
@@ -121,23 +148,22 @@ def refresh() -> None:
                 groups.setdefault((param.device, dtype), []).append((param, entry))
     with torch.no_grad():
         for (device, dtype), pairs in groups.items():
-            srcs = [p.detach().t() if e.transpose else p.detach() for p, e in pairs]
+            for p, e in pairs:
+                if not e.planned_for(p):  # new storage: plan again
+                    e.plan(p, dtype)
+            srcs = [e.flat_source(p) for p, e in pairs]
             scales = [e.scale for _, e in pairs]
             if any(s != 1.0 for s in scales):
                 srcs = torch._foreach_mul(srcs, scales)  # float32: rounded once, by the concatenation
-            step = _ALIGN // torch.empty((), dtype=dtype).element_size()
-            gaps = [-t.numel() % step for t in srcs]      # each part starts on _ALIGN bytes (TMA)
-            pad = torch.empty(step, dtype=srcs[0].dtype, device=device)
-            parts = [piece for t, gap in zip(srcs, gaps) for piece in (t.reshape(-1), pad[:gap])]
-            flat = torch.empty(sum(t.numel() + gap for t, gap in zip(srcs, gaps)), dtype=dtype, device=device)
-            torch.cat(parts, out=flat)
-            starts = 0
-            for (p, e), src, gap in zip(pairs, srcs, gaps):
-                e.copy = flat[starts:starts + src.numel()].view(src.shape)
-                e.version, e.address, e.shape, e.made = p._version, p.data_ptr(), p.shape, now
-                starts += src.numel() + gap
+            sizes = [n for src, (_, e) in zip(srcs, pairs) for n in (src.numel(), e.pad.numel())]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            torch.cat([t for src, (_, e) in zip(srcs, pairs) for t in (src, e.pad)], out=flat)
+            for (p, e), part in zip(pairs, flat.split(sizes)[0::2]):
+                e.copy = part.view(p.shape[::-1] if e.transpose else p.shape)
+                e.version, e.made = p._version, now
 
 
 def clear() -> None:
     """Drop every kept copy (tests; or to free them while no LoRA node runs)."""
     _ENTRIES.clear()
+    _PADS.clear()
