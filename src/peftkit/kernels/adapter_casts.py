@@ -137,14 +137,15 @@ def cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, transpose:
 
 def refresh() -> None:
     """Re-make every copy that is not current and was read in this pass or the last (the adapters
-    in use), per (device, dtype): the float32 sources (scaled where asked) concatenated into one
+    in use) and whose parameter holds its values now (FSDP2 frees a layer's gathered parameters
+    until it runs: those are re-made at their own first cast), per (device, dtype): the float32 sources (scaled where asked) concatenated into one
     new flat buffer of the target dtype, each copy a view of its part, each part on _ALIGN bytes
     (rank_gemm reads A and s B through TMA). Others wait for their next `cast`."""
     now = _STATE["pass"]
     groups: dict[tuple, list[tuple[torch.Tensor, _Entry]]] = {}
     for param, entries in list(_ENTRIES.items()):
         for (dtype, _, _), entry in entries.items():
-            if entry.used >= now - 1 and not entry.current(param):
+            if entry.used >= now - 1 and not entry.current(param) and param.untyped_storage().nbytes():
                 groups.setdefault((param.device, dtype), []).append((param, entry))
     with torch.no_grad():
         for (device, dtype), pairs in groups.items():
