@@ -169,3 +169,18 @@ def test_training_is_bit_identical_with_and_without_kept_copies(monkeypatch):
     assert losses_on == losses_off and losses_on[-1] < losses_on[0]
     assert all(torch.equal(state_on[n], state_off[n]) for n in state_off)
     assert any(p.dtype == torch.float32 for p in state_on.values())
+
+
+def test_rows_of_back_to_back_copies_are_a_view_and_equal_the_concatenation():
+    params = [_param(4, 32, seed=i) for i in range(3)]                # 4 x 32 bf16: 256 bytes, no gaps
+    for _ in range(2):                                                # the second pass: one flat buffer
+        with ac.scope():
+            rows = ac.cast_rows(params, BF)
+    want = torch.cat([ac.fresh_cast(p, BF) for p in params])
+    assert torch.equal(rows, want) and rows._base is not None
+    odd = [_param(3, 5, seed=i) for i in range(3)]                    # 30 bytes each: padded apart
+    for _ in range(2):
+        with ac.scope():
+            rows = ac.cast_rows(odd, BF)
+    assert torch.equal(rows, torch.cat([ac.fresh_cast(p, BF) for p in odd])) and rows._base is None
+    assert torch.equal(ac.cast_rows(params, BF), want)               # outside a scope: a fresh concatenation

@@ -135,6 +135,20 @@ def cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, transpose:
     return entry.copy
 
 
+def cast_rows(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.cat([cast(p, dtype) for p in params])``: a view, without a copy, where the kept copies
+    lie back to back in one flat buffer (the factors of a shared node, cast in order, usually do)."""
+    copies = [cast(p, dtype) for p in params]
+    base = copies[0]._base
+    end = copies[0].storage_offset()
+    for c in copies:
+        if base is None or c._base is not base or c.storage_offset() != end or c.shape[1:] != copies[0].shape[1:]:
+            return torch.cat(copies)
+        end += c.numel()
+    start = copies[0].storage_offset()
+    return base[start:end].view(-1, *copies[0].shape[1:])
+
+
 def refresh() -> None:
     """Re-make every copy that is not current and was read in this pass or the last (the adapters
     in use) and whose parameter holds its values now (FSDP2 frees a layer's gathered parameters

@@ -82,11 +82,13 @@ class Kernel:
     @staticmethod
     def fast_path_allowed(grid, args: tuple) -> bool:
         """CUDA tensors (the first argument tells), a plain grid, no launch hook, a checked release."""
+        if not FAST:  # no Triton (then nothing here is launched), or an unchecked release
+            return False
         first = args[0] if args else None
         on_cuda = isinstance(first, torch.Tensor) and first.is_cuda
         hook = knobs.runtime.launch_enter_hook  # None, or a HookChain (3.6: always one; empty unless set)
         plain = not callable(grid) and not getattr(hook, "calls", hook)
-        return FAST and on_cuda and plain and not torch.compiler.is_compiling()  # dynamo traces fn[grid]
+        return on_cuda and plain and not torch.compiler.is_compiling()  # dynamo traces fn[grid]
 
     def launch(self, grid, args: tuple, kwargs: dict):
         if not self.fast_path_allowed(grid, args):

@@ -55,7 +55,7 @@ class _LoraLinearsShared(torch.autograd.Function):
     def forward(ctx, x, scalings, quants, *params):
         x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
         weights, biases, As, Bs = (params[k::4] for k in range(4))
-        A = torch.cat([adapter_casts.cast(a, x.dtype) for a in As])      # (R, in)
+        A = adapter_casts.cast_rows(As, x.dtype)                         # (R, in)
         xa = x2 @ A.t()                                                  # (N, R)
         ranks = [a.shape[0] for a in As]
         absmaxes = [decoded_absmax(q) for q in quants]
