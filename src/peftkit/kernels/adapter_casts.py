@@ -62,8 +62,9 @@ class _Entry:
         detached = param.detach()
         self.address, self.shape = param.data_ptr(), param.shape
         self.source = detached.view(-1) if detached.is_contiguous() and not self.transpose else None
-        step = _ALIGN // torch.empty((), dtype=dtype).element_size()
-        self.pad = _pad(param.device, param.dtype, step)[:-param.numel() % step]
+        step = _ALIGN // torch.empty((), dtype=dtype).element_size()   # elements of the copy per _ALIGN
+        gap = (step - param.numel() % step) % step
+        self.pad = _pad(param.device, param.dtype, step)[:gap]
 
     def flat_source(self, param: torch.Tensor) -> torch.Tensor:
         if self.source is not None:
