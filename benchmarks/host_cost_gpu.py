@@ -18,12 +18,12 @@ slow host (benchmarks/NOTES.md, run 11). Printed:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -89,28 +89,18 @@ def host_us(fn, reps: int = 300) -> tuple[float, float]:
     return statistics.median(host), statistics.median(wall)
 
 
-@contextlib.contextmanager
 def launch_path(fast: bool):
     """Within: our Triton kernels launch through launch.Kernel's fast path (True) or Triton's own."""
     from peftkit.kernels import launch
 
-    saved, launch.FAST = launch.FAST, fast and launch.FAST
-    try:
-        yield
-    finally:
-        launch.FAST = saved
+    return mock.patch.object(launch, "FAST", fast and launch.FAST)
 
 
-@contextlib.contextmanager
 def kept_casts(enabled: bool):
     """Within: LoRA factors cast once per forward pass (adapter_casts) or per call."""
     from peftkit.kernels import adapter_casts
 
-    saved, adapter_casts.ENABLED = adapter_casts.ENABLED, enabled
-    try:
-        yield
-    finally:
-        adapter_casts.ENABLED = saved
+    return mock.patch.object(adapter_casts, "ENABLED", enabled)
 
 
 def node_costs(rows: int) -> None:

@@ -127,12 +127,12 @@ def cast(param: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, transpose:
     entry = entries.get(key)
     if entry is None:
         entries[key] = entry = _Entry(fresh_cast(param, dtype, scale, transpose), scale, transpose,
-                                      version=param._version, made=_STATE["pass"])
+                                      version=param._version, made=_STATE["pass"], used=_STATE["pass"])
         entry.plan(param, dtype)
-    elif not entry.current(param):
-        entry.used = _STATE["pass"]
+        return entry.copy
+    entry.used = _STATE["pass"]  # before refresh, which re-makes what this pass or the last read
+    if not entry.current(param):
         refresh()  # the first cast of this pass: this copy and every other the last pass read
-    entry.used = _STATE["pass"]
     return entry.copy
 
 
@@ -152,10 +152,10 @@ def cast_rows(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 def refresh() -> None:
     """Re-make every copy that is not current and was read in this pass or the last (the adapters
-    in use) and whose parameter holds its values now (FSDP2 frees a layer's gathered parameters
-    until it runs: those are re-made at their own first cast), per (device, dtype): the float32 sources (scaled where asked) concatenated into one
-    new flat buffer of the target dtype, each copy a view of its part, each part on _ALIGN bytes
-    (rank_gemm reads A and s B through TMA). Others wait for their next `cast`."""
+    in use), per (device, dtype): the float32 sources (scaled where asked) concatenated into one new
+    flat buffer of the target dtype, each copy a view of its part, each part on _ALIGN bytes
+    (rank_gemm reads A and s B through TMA). Others wait for their next `cast`; so do copies whose
+    parameter holds no values now (FSDP2 frees a layer's gathered parameters until it runs)."""
     now = _STATE["pass"]
     groups: dict[tuple, list[tuple[torch.Tensor, _Entry]]] = {}
     for param, entries in list(_ENTRIES.items()):

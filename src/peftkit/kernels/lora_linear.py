@@ -30,8 +30,8 @@ block of the same kernel (`lora_gemm.rank_gemm`): no expand written, no beta=1 r
 kept as (out, r), the layout that K block reads.
 
 The adapter may be kept in float32 while activations are bf16: A and B are cast to the
-activation dtype (r x in and out x r copies, tiny; made once per optimizer step and kept,
-adapter_casts), activations are never upcast, and the
+activation dtype (r x in and out x r copies, tiny; within an engine forward pass, made once for
+every layer and kept for the pass: adapter_casts), activations are never upcast, and the
 gradients are returned in the adapter's own dtype (on CUDA dA and dB come out of cuBLAS in
 float32 directly: one kernel each, no bf16 rounding of the gradient).
 
@@ -131,8 +131,8 @@ def low_rank_expand(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None 
 
 
 def scaled_b(lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, out_major: bool) -> torch.Tensor:
-    """s B in `dtype`, contiguous, cast and scaled in one kernel: (out, r) for rank_gemm's K block
-    (out_major), else s B^T (r, out) for low_rank_expand. Kept between optimizer steps
+    """s B in `dtype`, contiguous: (out, r) for rank_gemm's K block (out_major), else s B^T (r, out) for
+    low_rank_expand. Cast and scaled in one kernel, or within a forward pass the copy kept for it
     (adapter_casts)."""
     return adapter_casts.cast(lora_B, dtype, scaling, transpose=not out_major)
 
@@ -219,7 +219,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, quant):
         x2 = x.reshape(-1, x.shape[-1])                      # (N, in)
-        A = adapter_casts.cast(lora_A, x.dtype)              # (r, in), kept between optimizer steps
+        A = adapter_casts.cast(lora_A, x.dtype)              # (r, in), kept for the forward pass
         xa = x2 @ A.t()                                      # (N, r)
         absmax = decoded_absmax(quant)
         y, bs, one_gemm = lora_product(x2, weight, quant, absmax, xa, lora_B, scaling, bias)  # (N, out)
