@@ -27,6 +27,11 @@ def _fresh_cache():
     ac.clear()
 
 
+def _same(a, b):
+    """The same kept copy: each cast hands out its own alias of it."""
+    return a is not b and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
 def _param(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.Parameter(torch.randn(*shape, generator=g))
@@ -43,13 +48,13 @@ def test_inside_a_scope_one_copy_per_pass_equal_to_a_fresh_cast(scale, transpose
     p, q = _param(5, 7), _param(3, 9, seed=1)
     with ac.scope():
         first = ac.cast(p, BF, scale, transpose)
-        assert ac.cast(p, BF, scale, transpose) is first
+        assert _same(ac.cast(p, BF, scale, transpose), first)
         assert torch.equal(first, ac.fresh_cast(p.detach(), BF, scale, transpose))
         assert first.is_contiguous() and first.shape == ((7, 5) if transpose else (5, 7))
         ac.cast(q, BF, scale, transpose)
     with ac.scope():  # the next pass: new copies, same values, the old ones untouched
         second = ac.cast(p, BF, scale, transpose)
-        assert second is not first and torch.equal(second, first)
+        assert second.data_ptr() != first.data_ptr() and torch.equal(second, first)  # first is held
 
 
 def test_the_same_dtype_unscaled_is_the_parameter_itself():
@@ -79,7 +84,7 @@ def test_changes_within_a_pass_are_followed():
         with torch.no_grad():
             p.mul_(-1.0)
         again = ac.cast(p, BF)
-        assert again is not first and torch.equal(again, ac.fresh_cast(p.detach(), BF))
+        assert not _same(again, first) and torch.equal(again, ac.fresh_cast(p.detach(), BF))
         p.data = torch.randn(6, 2)        # new storage and shape
         assert torch.equal(ac.cast(p, BF), p.detach().to(BF))
 
@@ -164,7 +169,7 @@ def test_training_is_bit_identical_with_and_without_kept_copies(monkeypatch):
         return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     (losses_on, state_on) = run(True)
-    assert len(ac._ENTRIES) == 2 * 7 * 2                     # the engine's forward kept every factor's copy
+    assert len(ac._SERVED) == 2 * 7 * 2                     # the engine's forward kept every factor's copy
     (losses_off, state_off) = run(False)
     assert losses_on == losses_off and losses_on[-1] < losses_on[0]
     assert all(torch.equal(state_on[n], state_off[n]) for n in state_off)
@@ -184,3 +189,83 @@ def test_rows_of_back_to_back_copies_are_a_view_and_equal_the_concatenation():
             rows = ac.cast_rows(odd, BF)
     assert torch.equal(rows, torch.cat([ac.fresh_cast(p, BF) for p in odd])) and rows._base is None
     assert torch.equal(ac.cast_rows(params, BF), want)               # outside a scope: a fresh concatenation
+
+
+def test_a_pass_reuses_the_last_buffer_when_no_one_holds_its_copies():
+    params = [_param(4, 32, seed=i) for i in range(3)]
+    buffers = []
+    for step in range(4):
+        with torch.no_grad():
+            params[1].add_(1.0)
+        with ac.scope():
+            got = [ac.cast(p, BF, 0.5) for p in params]
+            assert all(torch.equal(g, ac.fresh_cast(p, BF, 0.5)) for g, p in zip(got, params))
+            buffers.append(got[0].untyped_storage().data_ptr())
+            del got
+    assert buffers[1] == buffers[2] == buffers[3]  # made once (pass 2), then written in place
+
+
+def test_a_copy_still_held_is_never_written():
+    p = _param(4, 32)
+    for _ in range(2):
+        with ac.scope():
+            ac.cast(p, BF)
+    with ac.scope():
+        held = ac.cast(p, BF)                         # a Python variable keeps it
+    kept = held.clone()
+    with torch.no_grad():
+        p.mul_(-1.0)
+    with ac.scope():
+        new = ac.cast(p, BF)
+    assert torch.equal(held, kept) and torch.equal(new, ac.fresh_cast(p, BF))
+    assert new.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+    rows = None
+    with ac.scope():
+        rows = ac.cast_rows([p], BF)                  # a row view holds the buffer too
+    with torch.no_grad():
+        p.add_(3.0)
+    with ac.scope():
+        ac.cast(p, BF)
+    assert torch.equal(rows, new)
+
+
+def test_a_copy_saved_for_backward_is_never_written():
+    """The first pass's graph holds its copies; the factors change before the second pass; the
+    first pass's gradients are still those of the factors it ran with."""
+    x, w, a, b = _lora_inputs()
+    for _ in range(2):                                # the copies in one flat buffer
+        with ac.scope():
+            lora_linear(x, w, None, a, b, 0.5)
+    with ac.scope():
+        y = lora_linear(x, w, None, a, b, 0.5)
+    a_bf, b_bf = ac.fresh_cast(a, BF), ac.fresh_cast(b, BF, 0.5)
+    with torch.no_grad():
+        a.mul_(2.0), b.mul_(-3.0)
+    with ac.scope():
+        lora_linear(x, w, None, a, b, 0.5)
+    gy = torch.ones_like(y)
+    y.backward(gy)
+    x2 = x.detach().reshape(-1, 12)
+    torch.testing.assert_close(b.grad, (gy.reshape(-1, 7).t().float() @ (x2 @ a_bf.t()).float()) * 0.5,
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a.grad, ((gy.reshape(-1, 7) @ b_bf).t().float() @ x2.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_a_pass_that_casts_nothing_does_not_split_the_next_refresh(monkeypatch):
+    """A pass of the base alone (a DPO reference pass: adapters disabled) between two: the next pass
+    still re-makes every copy at its first cast, in one buffer, not one refresh per copy."""
+    params = [_param(4, 32, seed=i) for i in range(5)]
+    for _ in range(2):
+        with ac.scope():
+            [ac.cast(p, BF) for p in params]
+    with ac.scope():
+        pass                                          # the reference pass: no casts
+    calls = []
+    real = ac.refresh
+    monkeypatch.setattr(ac, "refresh", lambda: calls.append(1) or real())
+    with torch.no_grad():
+        params[2].add_(1.0)
+    with ac.scope():
+        got = [ac.cast(p, BF) for p in params]
+    assert len(calls) == 1 and len({g.untyped_storage().data_ptr() for g in got}) == 1
+    assert all(torch.equal(g, ac.fresh_cast(p, BF)) for g, p in zip(got, params))
