@@ -42,16 +42,29 @@ _I32 = (-(2**31), 2**31)
 _I64 = (-(2**63), 2**63)
 
 
-def _int_key(v: int) -> tuple:
-    return (v == 1, v % 16 == 0, _I32[0] <= v < _I32[1], _I64[0] <= v < _I64[1])
+def _int_key(v: int) -> object:
+    """Triton's int attributes of v (== 1, divisible by 16, the narrowest of i32 / i64 / u64), as a
+    small value: the common case, an i32, costs one comparison chain."""
+    if _I32[0] <= v < _I32[1]:
+        return 1 if v == 1 else 16 if v % 16 == 0 else 0
+    return (v % 16 == 0, _I64[0] <= v < _I64[1])
 
 
 def specialization_key(values: tuple, constexpr: tuple[bool, ...], options: tuple) -> tuple:
-    """Our key for one launch: ``values`` in signature order, ``constexpr`` per position."""
+    """Our key for one launch: ``values`` in signature order, ``constexpr`` per position. Runs on
+    every launch, so types are told apart by ``type(v) is`` first (exact types: a bool is not an int
+    here) and only unusual arguments take the isinstance chain."""
     key = []
     for v, const in zip(values, constexpr):
+        kind = type(v)
         if const:
             key.append(v)
+        elif kind is int:
+            key.append(_int_key(v))
+        elif kind is torch.Tensor or kind is torch.nn.Parameter:
+            key.append((v.dtype, v.data_ptr() % 16 == 0))
+        elif kind is bool or kind is float:
+            key.append(kind)
         elif isinstance(v, torch.Tensor):
             key.append((v.dtype, v.data_ptr() % 16 == 0))
         elif isinstance(v, bool):
@@ -73,6 +86,7 @@ class Kernel:
         self.fn = fn
         params = getattr(fn, "params", None) or []
         self.names = tuple(p.name for p in params)
+        self.name_set = frozenset(self.names)
         self.constexpr = tuple(bool(p.is_constexpr) for p in params)
         self.compiled: dict[tuple, object] = {}
         self.fast_launches = 0  # counted for the checks (benchmarks/check_kernels_gpu.py)
@@ -99,7 +113,7 @@ class Kernel:
         except KeyError:  # a parameter left to its default: Triton binds it
             return self.fn[grid](*args, **kwargs)
         device = driver.active.get_current_device()
-        options = tuple((k, v) for k, v in kwargs.items() if k not in self.names) + (device,)
+        options = tuple((k, v) for k, v in kwargs.items() if k not in self.name_set) + (device,)
         key = specialization_key(values, self.constexpr, options)
         compiled = self.compiled.get(key)
         if compiled is None:  # Triton's path: compiles (or finds) the kernel for this specialisation

@@ -57,7 +57,7 @@ def fits(x: torch.Tensor, w: torch.Tensor, rank: int, w_kn: bool = False) -> boo
     n = w.shape[1] if w_kn else w.shape[0]
     if min(n, x.shape[1]) < MIN_SIDE or rank > 64 or rank % 8 or n % 8 or w.dtype != x.dtype:
         return False
-    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or not _hopper_sms(x.device.index or 0)):
+    if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or not _hopper_sms(x.get_device())):
         return False
     return use_triton(x, w) and x.is_contiguous() and w.is_contiguous() and _aligned(x) and _aligned(w)
 
@@ -94,7 +94,7 @@ def launch(x, w, p, q, bias=None, w_kn: bool = False) -> torch.Tensor:
     n_tiles = cdiv(m, TILE["BM"]) * cdiv(n, TILE["BN"])
     if x.is_cuda:
         _ensure_allocator()
-        programs = min(_hopper_sms(x.device.index or 0), n_tiles)
+        programs = min(_hopper_sms(x.get_device()), n_tiles)
     else:  # Triton's CPU interpreter: one tile per program
         programs = n_tiles
     tk.rank_gemm[(programs,)](x, w, p, q, bias if bias is not None else y, y, m, n, p.stride(0), q.stride(0), n_tiles,
