@@ -188,6 +188,31 @@ def check_fast_launch(device, dtype, rows):
         ok = same == 1.0 and fast >= 2 and new_keys <= 1
         rows.append((f"fast_launch.{name}", 0.0, 0.0, same, ok))
         print(f"fast_launch.{name}: {fast} of 3 launches fast, {new_keys} new specialisation(s)")
+    check_fast_rank_gemm(device, dtype, rows)
+
+
+def check_fast_rank_gemm(device, dtype, rows):
+    """rank_gemm through launch.Kernel's direct call of the launcher's entry point (with the global
+    scratch its device-side TMA descriptors need) against Triton's own path: bit-identical, forward
+    and dx forms. Hopper only (lg.fits)."""
+    from unittest import mock
+
+    from peftkit.kernels import launch
+    from peftkit.kernels import triton_kernels as tk
+
+    x, w, xa, bs = make(device, dtype, (512, 2048), (2048, 2048), (512, 16), (2048, 16), grads=[False] * 4, seed=13)
+    if not lg.fits(x, w, 16):
+        return
+    for name, args, kwargs in (("forward", (x, w, xa, bs), {}), ("dx", (x, w, xa, bs.t().contiguous()),
+                                                                   dict(w_kn=True))):
+        with mock.patch.object(launch, "FAST", False):
+            want = lg.launch(*args, **kwargs)
+        before = tk.rank_gemm.fast_launches
+        got = [lg.launch(*args, **kwargs) for _ in range(3)]
+        fast = tk.rank_gemm.fast_launches - before
+        same = min((g == want).float().mean().item() for g in got)
+        rows.append((f"fast_launch.rank_gemm_{name}", 0.0, 0.0, same, same == 1.0 and fast >= 2))
+        print(f"fast_launch.rank_gemm_{name}: {fast} of 3 launches fast")
 
 
 def check_rank_gemm(device, dtype, small, rows):

@@ -43,24 +43,24 @@ def test_key_shares_what_triton_shares():
 
 
 class _Compiled:
-    def __init__(self):
-        self.function, self.packed_metadata, self.calls = "fn-handle", "meta", []
+    """A CompiledKernel whose `run` is its own recorder, or a given launcher (a real one's is a CudaLauncher)."""
 
-    def run(self, *args):
-        self.calls.append(args)
+    def __init__(self, launcher=None):
+        self.function, self.packed_metadata, self.calls = "fn-handle", "meta", []
+        self.run = launcher if launcher is not None else lambda *args: self.calls.append(args)
 
 
 class _Jit:
     """Stands in for a JITFunction: records Triton-path launches, returns one compiled kernel per call."""
 
-    def __init__(self):
+    def __init__(self, launcher=None):
         self.params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in zip(("X", "n", "BLOCK"), CONST)]
-        self.triton_calls, self.made = [], []
+        self.triton_calls, self.made, self.launcher = [], [], launcher
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.triton_calls.append((grid, args, kwargs))
-            self.made.append(_Compiled())
+            self.made.append(_Compiled(self.launcher))
             return self.made[-1]
         return run
 
@@ -68,8 +68,8 @@ class _Jit:
 @pytest.fixture
 def fast(monkeypatch):
     """The fast path on CPU tensors: a stand-in driver and the release check passed."""
-    active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 1234)
-    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=active), raising=False)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
     monkeypatch.setattr(launch.Kernel, "fast_path_allowed", staticmethod(lambda grid, args: True))
 
 
@@ -86,6 +86,42 @@ def test_repeat_launch_calls_the_compiled_launcher(fast):
     k[(2,)](y, 48, BLOCK=128, num_warps=4)                         # new constexpr: Triton's path again
     k[(2,)](y, 48, BLOCK=64, num_warps=8)                          # new launch option: likewise
     assert len(jit.triton_calls) == 3 and k.fast_launches == 1
+
+
+class _Launcher:
+    """Stands in for Triton 3.6's CudaLauncher: the parts launcher_parts reads, launch recording."""
+
+    def __init__(self, scratch_size):
+        self.launch_cooperative_grid, self.launch_pdl, self.num_ctas = False, True, 2
+        self.global_scratch_size, self.global_scratch_align, self.profile_scratch_size = scratch_size, 128, 0
+        self.calls = []
+        self.launch = lambda *args: self.calls.append(args)
+
+
+def test_repeat_launch_calls_the_launchers_entry_point_with_its_scratch(fast, monkeypatch):
+    """Triton's launcher wrapper skipped: its C entry point gets the grid, stream, flags, a global
+    scratch of grid x CTAs x bytes per program from the context's allocator, and the arguments."""
+    asked = []
+    monkeypatch.setattr(launch, "_scratch_allocator", lambda: lambda size, align, stream: asked.append(
+        (size, align, stream)) or "scratch")
+    for scratch_size, want in ((64, "scratch"), (0, None)):
+        launcher = _Launcher(scratch_size)
+        jit = _Jit(launcher)
+        k = launch.Kernel(jit)
+        x = torch.zeros(64)
+        k[(4,)](x, 32, BLOCK=64)                                   # Triton's path: compiles
+        k[(3, 2)](x, 48, BLOCK=64)
+        assert k.fast_launches == 1 and jit.made[0].calls == []
+        assert launcher.calls == [(3, 2, 1, 1234, "fn-handle", False, True, want, None, "meta", None, None, None,
+                                   x, 48, 64)]
+    assert asked == [(3 * 2 * 1 * 2 * 64, 128, 1234)]
+
+
+def test_a_launcher_that_wants_profiler_scratch_keeps_its_wrapper():
+    launcher = _Launcher(0)
+    launcher.profile_scratch_size = 8
+    assert launch.launcher_parts(SimpleNamespace(run=launcher)) is None
+    assert launch.launcher_parts(SimpleNamespace(run=lambda *args: None)) is None
 
 
 def test_missing_argument_goes_through_triton(fast):

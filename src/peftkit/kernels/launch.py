@@ -31,7 +31,7 @@ import torch
 try:
     import triton
     from triton import knobs
-    from triton.runtime import driver
+    from triton.runtime import _allocation
 
     FAST_VERSIONS = ("3.6.",)  # launcher signature checked against these releases
     FAST = triton.__version__.startswith(FAST_VERSIONS)
@@ -88,7 +88,7 @@ class Kernel:
         self.names = tuple(p.name for p in params)
         self.name_set = frozenset(self.names)
         self.constexpr = tuple(bool(p.is_constexpr) for p in params)
-        self.compiled: dict[tuple, object] = {}
+        self.compiled: dict[tuple, tuple] = {}  # key -> (CompiledKernel, its launcher's parts or None)
         self.fast_launches = 0  # counted for the checks (benchmarks/check_kernels_gpu.py)
 
     def __getitem__(self, grid):
@@ -112,18 +112,54 @@ class Kernel:
             values = args + tuple(kwargs[name] for name in self.names[len(args):])
         except KeyError:  # a parameter left to its default: Triton binds it
             return self.fn[grid](*args, **kwargs)
-        device = driver.active.get_current_device()
+        device = _current_device()
         options = tuple((k, v) for k, v in kwargs.items() if k not in self.name_set) + (device,)
         key = specialization_key(values, self.constexpr, options)
-        compiled = self.compiled.get(key)
-        if compiled is None:  # Triton's path: compiles (or finds) the kernel for this specialisation
+        kept = self.compiled.get(key)
+        if kept is None:  # Triton's path: compiles (or finds) the kernel for this specialisation
             compiled = self.fn[grid](*args, **kwargs)
             if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
-                self.compiled[key] = compiled
+                self.compiled[key] = (compiled, launcher_parts(compiled))
             return compiled
+        compiled, parts = kept
         grid = tuple(grid) + (1, 1)
-        stream = driver.active.get_current_stream(device)
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *values)
+        stream = _current_stream(device)
+        if parts is None:
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                         None, *values)
+        else:
+            launch, coop, pdl, scratch_size, scratch_align, ctas = parts
+            scratch = None  # device-side TMA descriptors' global scratch, as Triton's launcher allocates it
+            if scratch_size:
+                scratch = _scratch_allocator()(grid[0] * grid[1] * grid[2] * ctas * scratch_size, scratch_align, stream)
+            launch(grid[0], grid[1], grid[2], stream, compiled.function, coop, pdl, scratch, None,
+                   compiled.packed_metadata, None, None, None, *values)
         self.fast_launches += 1
         return compiled
+
+
+def launcher_parts(compiled) -> tuple | None:
+    """What a launch needs from the compiled kernel's launcher (Triton 3.6's CudaLauncher), so that
+    repeat launches call its C entry point directly: (launch, cooperative grid, PDL, global scratch
+    bytes per program, their alignment, CTAs per program). None where its Python wrapper must run:
+    a launcher of another shape, or one that wants profiler scratch."""
+    launcher = compiled.run
+    names = ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "global_scratch_align",
+             "num_ctas", "profile_scratch_size")
+    if not all(hasattr(launcher, n) for n in names) or launcher.profile_scratch_size:
+        return None
+    return (launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl, launcher.global_scratch_size,
+            launcher.global_scratch_align, launcher.num_ctas)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()  # what Triton's CUDA driver asks (through a proxy and a property)
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)  # likewise
+
+
+def _scratch_allocator():
+    """The allocator Triton would ask for global scratch in this context (a ContextVar)."""
+    return _allocation._allocator.get()
