@@ -9,8 +9,10 @@ slow host (benchmarks/NOTES.md, run 11). Printed:
   1. per LoRA node: host and wall us per forward + backward of lora_linear / lora_linears_shared
      against a frozen F.linear on the 1B shapes, and of each piece a node issues (host: the time
      to issue; wall: with the wait for the GPU, which a tiny batch keeps small but not nil)
-  2. cProfile of two peftkit steps: the Python functions with the most own and total time
-  3. per contender: host ms per eager step (tiny batch); frozen and peftkit also with Triton's own
+  2. the factor casts alone, host us per forward pass for every factor of the shape: kept copies
+     written into the last pass's buffer, into a new one, or a fresh cast per call (cast_pass_costs)
+  3. cProfile of two peftkit steps: the Python functions with the most own and total time
+  4. per contender: host ms per eager step (tiny batch); frozen and peftkit also with Triton's own
      launch path instead of launch.Kernel's (kernels/launch.py), and peftkit with its factors cast
      per call instead of once per pass (kernels/adapter_casts.py)
 """
@@ -219,6 +221,49 @@ def trace_node(rows: int, iters: int = 20) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
+def cast_pass_costs(shape: str, rounds: int = 5, passes: int = 20) -> None:
+    """Host us per forward pass of the factor casts alone, for every LoRA factor of the shape (A and
+    s B of seven projections per layer, float32, 128-byte copies in bf16, the nodes' order): kept
+    copies written into the last pass's buffer, kept copies in a new buffer each pass (the buffer
+    held, as when a pass's graph outlives the next), and a fresh cast per call. Alternated rounds,
+    best of each."""
+    from peftkit.kernels import adapter_casts as ac
+
+    cfg, bf = tt.SHAPES[shape], torch.bfloat16
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+    dims = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # (in, out): q k v o gate up down
+    factors = [(torch.randn(16, i, device="cuda"), torch.randn(o, 16, device="cuda"))
+               for _ in range(cfg["num_hidden_layers"]) for i, o in dims]
+    held = []
+
+    def one_pass(keep: bool):
+        with ac.scope():
+            out = [(ac.cast(a, bf), ac.cast(b, bf, 1.0)) for a, b in factors]
+        if keep:
+            held[:] = [out]  # this pass's copies outlive the next pass's refresh
+
+    def timed(keep: bool, enabled: bool) -> float:
+        with kept_casts(enabled):
+            for _ in range(3):
+                one_pass(keep)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(passes):
+                one_pass(keep)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+        held.clear()
+        return (t1 - t0) / passes * 1e6
+
+    runs = {"kept, the last pass's buffer reused": (False, True), "kept, a new buffer (the last one held)": (True, True),
+            "a fresh cast per call": (False, False)}
+    best = {name: min(timed(*runs[name]) for _ in range(rounds)) for name in runs}
+    print(f"\nfactor casts per forward pass, {shape}: {2 * len(factors)} casts (us of host per pass, best of {rounds})")
+    for name, us in best.items():
+        print(f"  {name:40s} {us:9.1f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="1b")
@@ -231,6 +276,7 @@ def main():
     if not args.skip_nodes:
         node_costs(batch_shape[0] * batch_shape[1])
         trace_node(batch_shape[0] * batch_shape[1])
+    cast_pass_costs(args.shape)  # cheap: always
     print(f"\nhost time per eager step, {args.shape} shape, batch {args.batch} (GPU work negligible)")
     variants = {"frozen": [(True, True, ""), (False, True, " (Triton launch)")],
                 "peftkit": [(True, True, ""), (False, True, " (Triton launch)"), (True, False, " (casts per call)"),
