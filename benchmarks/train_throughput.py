@@ -26,6 +26,10 @@ FLOPs per token = 4 x frozen matmul params + 6 x trainable params + attention, w
 matmul params are the decoder's linear weights plus the LM head (the embedding lookup is not a
 matmul) and attention is PaLM appendix B's 12 * layers * d_model * seq (QK^T and AV, forward 2x
 + backward 4x, no causal discount). Peak = a timed 8192^3 bf16 matmul on the same card.
+
+Eager steps are host-bound on some hosts, and host speed drifts within a process by several ms per
+step (benchmarks/NOTES.md, run 13): --repeats N runs the contenders round robin N times and the
+table keeps each one's median run, with every run's step time in its note.
 """
 
 from __future__ import annotations
@@ -337,6 +341,17 @@ def loss_agreement(shape: str, steps: int = 20, lr: float = 1e-3, ours: str = "p
     return worst
 
 
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median step time (the lower middle of an even count); with several runs its
+    note lists every step time, so the spread between runs on this host is in the table."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: (r.step_s != r.step_s, r.step_s))  # failed runs (nan) last
+    mid = ordered[(len(ordered) - 1) // 2]
+    spread = "/".join(f"{r.step_s:.4f}" for r in runs)
+    return Result(**{**asdict(mid), "note": f"{mid.note}; median of {len(runs)} runs, step s {spread}"})
+
+
 # ----------------------------------------------------------------------------- report
 def print_table(results: list[Result], peak: float):
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
@@ -375,6 +390,8 @@ def main():
     parser.add_argument("--device", default="cuda", help="cpu: smoke-test this script (--shapes tiny)")
     parser.add_argument("--sync-check", default="", help="contenders to run one step of under sync debug mode")
     parser.add_argument("--loss-contenders", default="peftkit,peftkit_graph", help="checked against hf_peft")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per contender, round robin; the table keeps each one's median run")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -387,10 +404,13 @@ def main():
     results = []
     for shape in args.shapes.split(","):
         for ckpt in ckpts:
-            for contender in args.contenders.split(","):
-                t0 = time.time()
-                results.append(run_contender(contender, shape, ckpt, args, peak))
-                print(f"{asdict(results[-1])}  ({time.time() - t0:.0f}s)", flush=True)
+            runs: dict[str, list[Result]] = {}
+            for _ in range(args.repeats):  # round robin: the host's drifts fall on every contender alike
+                for contender in args.contenders.split(","):
+                    t0 = time.time()
+                    runs.setdefault(contender, []).append(run_contender(contender, shape, ckpt, args, peak))
+                    print(f"{asdict(runs[contender][-1])}  ({time.time() - t0:.0f}s)", flush=True)
+            results += [median_run(r) for r in runs.values()]
     if args.loss_check != "none":
         loss_agreement(args.loss_check, ours=args.loss_contenders)
     print_table(results, peak)
