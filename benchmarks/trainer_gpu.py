@@ -4,17 +4,19 @@
 
 The 1B Llama shape of train_throughput.py with random weights, built in fp32 as the CLI loads
 models, LoRA r=16 alpha=16 on all seven projections, precision bf16, random token rows of 1024
-(attention mask given, as the CLI's collator does). Two runs in this process:
+(attention mask given, as the CLI's collator does). Runs in this process (--modes):
 
-  off    TrainingArguments(fused_kernels="off"): the fp32 base under bf16 autocast
-  auto   the default on a GPU: the frozen base cast to bf16 and patch_model (fused LoRA nodes,
-         RMSNorm, SwiGLU, RoPE, linear + cross-entropy)
+  off     TrainingArguments(fused_kernels="off"): the fp32 base under bf16 autocast
+  auto    the default on a GPU: the frozen base cast to bf16 and patch_model (fused LoRA nodes,
+          RMSNorm, SwiGLU, RoPE, linear + cross-entropy)
+  graphs  auto with cuda_graphs=True: each step replayed from a CUDA graph
 
 With --quantize nf4 the base is first quantized as `peftkit train --quantize nf4 --precision bf16`
 does (NF4, double quantization, bf16 compute): QLoRA through the trainer.
 
-Prints seconds per step over the steps after the first two (Triton compiles on the first), peak
-memory, the patch report and the loss of each step; the two runs start from the same adapter.
+Prints seconds per step over the steps after the first two (Triton compiles; graphed, the eager
+first step and the recording), peak memory, the patch report, and how far each run's per-step
+losses are from another's; all runs start from the same adapter.
 """
 
 from __future__ import annotations
@@ -55,21 +57,26 @@ def rows(shape: str, n: int) -> list[dict]:
 
 
 class StepClock:
-    """Wall time of each optimizer step, read from the trainer's metrics callback-free: it wraps
-    ``_train_step``'s caller by timing consecutive ``after_optimizer_step`` calls of the model."""
+    """Wall time and loss of each optimizer step: wraps the trainer's ``_after_step``, which both the
+    eager and the graphed loop call once per step, after the step's loss was read back."""
 
-    def __init__(self, model):
-        self.times, self.model, self.last = [], model, None
-        self.inner = model.after_optimizer_step
-        model.after_optimizer_step = self
+    def __init__(self, trainer):
+        self.times, self.losses, self.last = [], [], None
+        self.inner = trainer._after_step
+        trainer._after_step = self
 
-    def __call__(self, step: int) -> None:
+    def __call__(self, loss, grad_norm, tokens_per_s):
         torch.cuda.synchronize()
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
         self.last = now
-        self.inner(step)
+        self.losses.append(loss)
+        return self.inner(loss, grad_norm, tokens_per_s)
+
+
+MODES = {"off": dict(fused_kernels="off"), "auto": dict(fused_kernels="auto"),
+         "graphs": dict(fused_kernels="auto", cuda_graphs=True)}
 
 
 def run(mode: str, args) -> dict:
@@ -80,18 +87,84 @@ def run(mode: str, args) -> dict:
     batch = SHAPES[args.shape]["batch"][0]
     data = rows(args.shape, batch * args.steps)
     targs = TrainingArguments(task="causal-lm", batch_size=batch, max_steps=args.steps, learning_rate=1e-4,
-                              precision="bf16", fused_kernels=mode, progress_bar=False, tensorboard=False,
-                              lr_scheduler="constant", max_grad_norm=1.0, logging_steps=1)
+                              precision="bf16", progress_bar=False, tensorboard=False,
+                              lr_scheduler="constant", max_grad_norm=1.0, logging_steps=1, **MODES[mode])
     trainer = Trainer(model, targs, data)
-    clock = StepClock(model)
+    clock = StepClock(trainer)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    times = clock.times[1:]  # the first interval still holds Triton's compiles
+    times = clock.times[2:]  # the first steps hold Triton's compiles (and, graphed, the eager step and the recording)
     out = dict(mode=mode, step_s=sum(times) / len(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               patched=str(trainer.patched), loss=trainer.state.get("last_train_loss"))
+               patched=str(trainer.patched), loss=trainer.state.get("last_train_loss"), losses=clock.losses,
+               times=times)
     del trainer, model
     free_memory()
     return out
+
+
+def kernel_times(fn, steps: int = 2) -> dict[str, float]:
+    """GPU time per kernel name (ms per step) over `steps` calls of fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def compare_loop(args) -> None:
+    """Where the Trainer's step differs from the plain loop of train_throughput.py on the same model:
+    GPU time per kernel of each variant, and the kernels whose time differs most."""
+    from peftkit.train import Trainer, TrainingArguments
+
+    model = build(args.shape, args.quantize)
+    batch = SHAPES[args.shape]["batch"][0]
+    data = rows(args.shape, batch * 3)
+    trainer = Trainer(model, TrainingArguments(task="causal-lm", batch_size=batch, max_steps=3, precision="bf16",
+                                               progress_bar=False, tensorboard=False, lr_scheduler="constant"), data)
+    trainer.train()  # patched, cast, optimizer made, kernels compiled
+    host = data[0:batch]
+    cpu_batch = torch.utils.data.default_collate(host)
+    dev = {k: v.cuda() for k, v in cpu_batch.items() if k != "attention_mask"}
+    opt = trainer.optimizer
+
+    def plain(autocast=False, clip=False, mask=False):
+        inputs = dict(dev, attention_mask=cpu_batch["attention_mask"].cuda()) if mask else dev
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).loss
+        loss.float().backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    variants = {"trainer": lambda: trainer._optimizer_step([cpu_batch]), "plain": plain,
+                "plain+autocast": lambda: plain(autocast=True), "plain+clip": lambda: plain(clip=True),
+                "plain+mask": lambda: plain(mask=True)}
+    kernels = {}
+    for name, fn in variants.items():
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        kernels[name] = kernel_times(fn)
+        print(f"{name:16} {(time.perf_counter() - t0) / 5 * 1e3:7.1f} ms/step wall, "
+              f"{sum(kernels[name].values()):7.1f} ms/step of kernels", flush=True)
+    base = kernels["plain"]
+    for name in variants:
+        if name == "plain":
+            continue
+        other = kernels[name]
+        diffs = sorted(((other.get(k, 0.0) - base.get(k, 0.0), k) for k in set(base) | set(other)), reverse=True)
+        print(f"\n{name} - plain, kernels that differ most (ms/step):")
+        for d, k in diffs[:8] + diffs[-3:]:
+            if abs(d) > 0.05:
+                print(f"  {d:+7.2f}  {k[:150]}")
 
 
 def main():
@@ -99,16 +172,25 @@ def main():
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="4-bit base (QLoRA)")
+    parser.add_argument("--modes", default="off,auto,graphs", help=f"comma-separated, of {sorted(MODES)}")
+    parser.add_argument("--compare-loop", action="store_true", help="profile the Trainer's step against the plain loop")
     args = parser.parse_args()
-    results = [run(mode, args) for mode in ("off", "auto")]
+    if args.compare_loop:
+        return compare_loop(args)
+    results = {mode: run(mode, args) for mode in args.modes.split(",")}
     batch, seq = SHAPES[args.shape]["batch"]
     base = f"{args.quantize} base" if args.quantize else "fp32 base"
     print(f"\nTrainer, {args.shape} shape, {base}, batch {batch} x {seq}, precision bf16, LoRA r=16 on all seven projections")
-    for r in results:
-        print(f"fused_kernels={r['mode']:5} {r['step_s'] * 1e3:8.1f} ms/step  {batch * seq / r['step_s']:8.0f} tok/s  "
+    for r in results.values():
+        print(f"{r['mode']:7} {r['step_s'] * 1e3:8.1f} ms/step  {batch * seq / r['step_s']:8.0f} tok/s  "
               f"peak {r['peak_gib']:6.2f} GiB  last loss {r['loss']}  ({r['patched']})")
-    off, auto = results
-    print(f"auto vs off: {off['step_s'] / auto['step_s']:.2f}x tokens/s, {auto['peak_gib'] / off['peak_gib']:.2f}x peak memory")
+        print("        step times (ms): " + " ".join(f"{t * 1e3:.1f}" for t in r["times"]))
+    for a, b in (("off", "auto"), ("auto", "graphs"), ("off", "graphs")):
+        if a in results and b in results:
+            x, y = results[a], results[b]
+            diff = max(abs(p - q) / abs(p) for p, q in zip(x["losses"], y["losses"]))
+            print(f"{b} vs {a}: {x['step_s'] / y['step_s']:.2f}x tokens/s, {y['peak_gib'] / x['peak_gib']:.2f}x peak "
+                  f"memory, per-step loss max relative difference {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,9 @@ class PeftModel(nn.Module):
     def after_optimizer_step(self, global_step: int) -> None:
         self.base_model.after_optimizer_step(global_step)
 
+    def adapters_with_step_hooks(self) -> list[str]:
+        return self.base_model.adapters_with_step_hooks()
+
     def training_state(self) -> dict:
         return self.base_model.training_state()
 

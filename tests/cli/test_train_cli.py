@@ -185,3 +185,23 @@ def test_inspect_describes_a_scaling_method_without_ranks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "IA3" in out and "rank:" not in out and "problems:    none" in out
     assert "k_proj" in out and "6 adapted modules" in out
+
+
+def test_cuda_graphs_on_a_cpu_run_is_refused_before_the_run_folder_exists(tmp_path, tiny_bert_dir, reviews_jsonl,
+                                                                          capsys):
+    out = tmp_path / "run"
+    assert main(tiny_cls_args(tiny_bert_dir, reviews_jsonl, out, "--cuda-graphs", "--device", "cpu")) == 2
+    assert "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_pad_to_multiple_of_reaches_the_collator_and_cuda_graphs_defaults_it_to_64(tmp_path, tiny_bert_dir,
+                                                                                   reviews_jsonl):
+    tokenizer = common.load_tokenizer(tiny_bert_dir)
+    opts = DataOptions(path=str(reviews_jsonl), text_column="review", label_column="sentiment", max_length=16)
+    assert common.build_data("classification", tokenizer, opts, 0).collate.pad_to_multiple_of == 1
+    assert common.build_data("classification", tokenizer, opts, 0, cuda_graphs=True).collate.pad_to_multiple_of == 64
+    opts = DataOptions(path=str(reviews_jsonl), text_column="review", label_column="sentiment", max_length=16,
+                      pad_to_multiple_of=8)
+    data = common.build_data("classification", tokenizer, opts, 0, cuda_graphs=True)
+    assert data.collate([data.train[0]])["input_ids"].shape[1] % 8 == 0

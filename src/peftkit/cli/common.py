@@ -116,6 +116,7 @@ def prequantized(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- data
+GRAPH_PAD_MULTIPLE = 64  # few batch shapes, so few recorded graphs; at most 63 more tokens per row
 @dataclass
 class Data:
     train: Any
@@ -160,21 +161,24 @@ def read_records(task: str, opts, seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def build_data(task: str, tokenizer, opts, seed: int, label2id: dict | None = None) -> Data:
+def build_data(task: str, tokenizer, opts, seed: int, label2id: dict | None = None, cuda_graphs: bool = False) -> Data:
+    """Train and held-out sets and their collator; with ``cuda_graphs`` batches are padded to a
+    multiple of 64 tokens unless ``opts.pad_to_multiple_of`` says otherwise."""
     train_records, eval_records = read_records(task, opts, seed)
+    multiple = opts.pad_to_multiple_of or (GRAPH_PAD_MULTIPLE if cuda_graphs else 1)
     if task == "causal-lm":
         train = build_causal_lm_dataset(train_records, tokenizer, max_length=opts.max_length)
         evals = build_causal_lm_dataset(eval_records, tokenizer, max_length=opts.max_length)
         if opts.packing:  # the training set only: held-out metrics stay comparable with unpacked runs
-            return Data(pack_dataset(train, opts.max_length), evals, PackedCollator.for_tokenizer(tokenizer),
+            return Data(pack_dataset(train, opts.max_length), evals, PackedCollator.for_tokenizer(tokenizer, multiple),
                         eval_records, None)
-        return Data(train, evals, CausalLMCollator.for_tokenizer(tokenizer), eval_records, None)
+        return Data(train, evals, CausalLMCollator.for_tokenizer(tokenizer, multiple), eval_records, None)
     label2id = label2id or label_mapping(r["label"] for r in train_records + eval_records)
     if len(label2id) < 2:
         raise UserError(f"the data has only the label(s) {list(label2id)}; classification needs at least two classes")
     train = build_classification_dataset(train_records, tokenizer, label2id=label2id, max_length=opts.max_length)
     evals = build_classification_dataset(eval_records, tokenizer, label2id=label2id, max_length=opts.max_length)
-    return Data(train, evals, ClassificationCollator.for_tokenizer(tokenizer), eval_records, label2id)
+    return Data(train, evals, ClassificationCollator.for_tokenizer(tokenizer, multiple), eval_records, label2id)
 
 
 # ------------------------------------------------------------------------------------- generation

@@ -70,6 +70,10 @@ class DataOptions:
         default=False, metadata={"help": "causal-lm: pack training examples into rows of max_length tokens, each "
                                          "attending only to itself (no padding); held-out data stays unpacked"}
     )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "pad each batch's length up to a multiple of N (default: 64 with "
+                                        "--cuda-graphs, which records one graph per shape; else 1)"}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -78,6 +82,8 @@ class DataOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1 or null, got {value!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of must be >= 1 or null, got {self.pad_to_multiple_of!r}")
         if self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2, got {self.max_length!r}")
 

@@ -121,7 +121,7 @@ def prepare(cfg: RunConfig) -> Job:
     task, seed = cfg.run.task, cfg.training.seed
     model_path = common.check_model_folder(cfg.run.model) if cfg.run.model else common.bundled_model_dir(task)
     tokenizer = common.load_tokenizer(model_path)
-    data = common.build_data(task, tokenizer, cfg.data, seed)
+    data = common.build_data(task, tokenizer, cfg.data, seed, cuda_graphs=cfg.training.cuda_graphs)
     fill_run_length(cfg, len(data.train))
     seed_everything(seed)  # the classification head and the adapter start from the seed
     base = common.load_classifier(model_path, data.label2id) if task == "classification" else common.load_causal_lm(model_path)
@@ -314,10 +314,10 @@ def run_job(cfg: RunConfig, resume_dir: Path | None) -> dict:
            f"{len(job.data.eval)} held-out examples")
     if distributed.is_main_process():
         job.model.print_trainable_parameters()
+    args = dataclasses.replace(cfg.training, output_dir=str(run_dir))
+    trainer = Trainer(job.model, args, job.data.train, job.data.eval, job.data.collate)  # may refuse: no folder yet
     if resume_dir is None and distributed.is_main_process():
         write_config(cfg, run_dir)
-    args = dataclasses.replace(cfg.training, output_dir=str(run_dir))
-    trainer = Trainer(job.model, args, job.data.train, job.data.eval, job.data.collate)
     if resume_dir is not None and _resume_changes_layout(cfg, run_dir):
         trainer.check_resume(True)  # refuses, changing nothing, a split the checkpoint cannot continue
         if distributed.is_main_process():  # a later plain --resume goes on with the new split

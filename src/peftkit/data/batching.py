@@ -31,15 +31,28 @@ class FeatureDataset(Dataset):
         return self.features[index]
 
 
-def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
-    """Stack int sequences into one ``(batch, longest)`` tensor, filling the tail with ``value``."""
+def padded_length(sequences: list[list[int]], multiple: int = 1) -> int:
+    """The longest sequence's length rounded up to a multiple of ``multiple``."""
     longest = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [value] * (longest - len(s)) for s in sequences], dtype=torch.long)
+    return -(-longest // multiple) * multiple
 
 
-def attention_mask(sequences: list[list[int]]) -> torch.Tensor:
-    """1 on real tokens, 0 on right padding: ``(batch, longest)``."""
-    return pad_right([[1] * len(s) for s in sequences], 0)
+def pad_right(sequences: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    """Stack int sequences into one ``(batch, length)`` tensor, filling the tail with ``value``; length is
+    the longest's, rounded up to a multiple of ``multiple`` (few distinct shapes: CUDA graphs, kernels
+    tuned per shape)."""
+    length = padded_length(sequences, multiple)
+    return torch.tensor([list(s) + [value] * (length - len(s)) for s in sequences], dtype=torch.long)
+
+
+def attention_mask(sequences: list[list[int]], multiple: int = 1) -> torch.Tensor:
+    """1 on real tokens, 0 on right padding: ``(batch, length)`` as ``pad_right`` pads."""
+    return pad_right([[1] * len(s) for s in sequences], 0, multiple)
+
+
+def check_multiple(multiple: int) -> None:
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive int, got {multiple!r}")
 
 
 def pad_token_id(tokenizer) -> int:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit.data.batching import IGNORE_INDEX, FeatureDataset, attention_mask, pad_right, pad_token_id
+from peftkit.data.batching import (IGNORE_INDEX, FeatureDataset, attention_mask, check_multiple, pad_right,
+                                   pad_token_id)
 
 
 def _user(question: str) -> list[dict]:
@@ -121,20 +122,25 @@ def _report_dropped(total: int, kept: int, max_length: int) -> None:
 
 @dataclass(frozen=True)
 class CausalLMCollator:
-    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, plus ``attention_mask``."""
+    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, plus ``attention_mask``;
+    to the longest example, rounded up to a multiple of ``pad_to_multiple_of``."""
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        check_multiple(self.pad_to_multiple_of)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> CausalLMCollator:
-        return cls(pad_token_id(tokenizer))
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int = 1) -> CausalLMCollator:
+        return cls(pad_token_id(tokenizer), pad_to_multiple_of)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
+        ids, multiple = [f["input_ids"] for f in features], self.pad_to_multiple_of
         return {
-            "input_ids": pad_right(ids, self.pad_token_id),
-            "attention_mask": attention_mask(ids),
-            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX),
+            "input_ids": pad_right(ids, self.pad_token_id, multiple),
+            "attention_mask": attention_mask(ids, multiple),
+            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX, multiple),
         }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit.data.batching import FeatureDataset, attention_mask, pad_right, pad_token_id
+from peftkit.data.batching import FeatureDataset, attention_mask, check_multiple, pad_right, pad_token_id
 
 
 def label_mapping(labels: Iterable[Hashable]) -> dict[Hashable, int]:
@@ -86,15 +86,19 @@ class ClassificationCollator:
     """
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        check_multiple(self.pad_to_multiple_of)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> ClassificationCollator:
-        return cls(pad_token_id(tokenizer))
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int = 1) -> ClassificationCollator:
+        return cls(pad_token_id(tokenizer), pad_to_multiple_of)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        batch = {"input_ids": pad_right(ids, self.pad_token_id), "attention_mask": attention_mask(ids)}
+        ids, multiple = [f["input_ids"] for f in features], self.pad_to_multiple_of
+        batch = {"input_ids": pad_right(ids, self.pad_token_id, multiple), "attention_mask": attention_mask(ids, multiple)}
         if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad_right([f["token_type_ids"] for f in features], 0)
+            batch["token_type_ids"] = pad_right([f["token_type_ids"] for f in features], 0, multiple)
         batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return batch

@@ -57,7 +57,7 @@ from heapq import heappop, heappush
 import torch
 from torch.utils.data import Dataset
 
-from .batching import IGNORE_INDEX, pad_right, pad_token_id
+from .batching import IGNORE_INDEX, check_multiple, padded_length, pad_right, pad_token_id
 from .causal_lm import CausalLMCollator
 
 # Forward arguments of every packed batch: no cache, so transformers looks for packed sequences.
@@ -167,23 +167,27 @@ class PackedCollator:
     """
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        check_multiple(self.pad_to_multiple_of)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> PackedCollator:
-        return cls(pad_token_id(tokenizer))
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int = 1) -> PackedCollator:
+        return cls(pad_token_id(tokenizer), pad_to_multiple_of)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        packed = ["position_ids" in f for f in features]
+        packed, multiple = ["position_ids" in f for f in features], self.pad_to_multiple_of
         if not any(packed):
-            return CausalLMCollator(self.pad_token_id)(features)
+            return CausalLMCollator(self.pad_token_id, multiple)(features)
         if not all(packed):
             raise ValueError(f"a batch mixes {sum(packed)} packed rows with {len(packed) - sum(packed)} plain "
                              "examples; pack the whole dataset with pack_dataset")
-        longest = max(len(f["input_ids"]) for f in features)
-        positions = [list(f["position_ids"]) + list(range(longest - len(f["position_ids"]))) for f in features]
+        length = padded_length([f["input_ids"] for f in features], multiple)
+        positions = [list(f["position_ids"]) + list(range(length - len(f["position_ids"]))) for f in features]
         return {
-            "input_ids": pad_right([f["input_ids"] for f in features], self.pad_token_id),
-            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX),
+            "input_ids": pad_right([f["input_ids"] for f in features], self.pad_token_id, multiple),
+            "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX, multiple),
             "position_ids": torch.tensor(positions, dtype=torch.long),
             **PACKED_FORWARD_ARGS,
         }

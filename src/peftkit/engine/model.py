@@ -437,6 +437,11 @@ class AdapterModel(nn.Module):
             for hook, owner in self._hooks(name, "after_step"):
                 hook(owner, name, global_step)
 
+    def adapters_with_step_hooks(self) -> list[str]:
+        """The active adapters whose methods act after each optimizer step (AdaLoRA's rank budget,
+        AdapterFusion's annealing, diff pruning): host code that reads the step's gradients."""
+        return [name for name in self.active_adapters if self._hooks(name, "after_step")]
+
     def training_state(self) -> dict:
         """Per adapter, the method's state beyond its parameters (empty for most methods); for a
         composite adapter, {part index: that part's state}."""

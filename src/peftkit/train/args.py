@@ -71,6 +71,11 @@ class TrainingArguments:
         default="auto", metadata={"help": "under torchrun: auto (= ddp when launched with >1 process), ddp, fsdp "
                                           "(FSDP2, shards the frozen base too), none"}
     )
+    cuda_graphs: bool = field(
+        default=False, metadata={"help": "record each optimizer step as a CUDA graph (one per batch shape) and replay "
+                                         "it: the GPU no longer waits for Python to issue kernels. One CUDA process, "
+                                         "bf16/fp32, adamw_torch; batches of few shapes (pad to a multiple)"}
+    )
     ddp_find_unused_parameters: bool = field(
         default=False, metadata={"help": "DDP: search for trainable tensors a step did not use (slower; only "
                                          "for methods whose adapters sit off some inputs' path)"}
@@ -87,6 +92,12 @@ class TrainingArguments:
         if self.distributed == "fsdp" and self.precision == "fp16":
             raise ValueError("TrainingArguments.distributed='fsdp' does not support precision='fp16' (the "
                              "GradScaler is not shard-aware); use precision='bf16'")
+        if self.cuda_graphs and self.precision == "fp16":
+            raise ValueError("TrainingArguments.cuda_graphs does not support precision='fp16' (its GradScaler reads "
+                             "the gradients' inf check on the host every step); use precision='bf16'")
+        if self.cuda_graphs and self.optim != "adamw_torch":
+            raise ValueError(f"TrainingArguments.cuda_graphs needs optim='adamw_torch' ({self.optim} moves its state "
+                             "between host and GPU memory inside the step)")
         if self.task is not None:
             _one_of(self, "task", TASKS)
         for name in ("weight_decay", "warmup_steps"):

@@ -13,6 +13,9 @@ hooks are called when the model has them: ``adapter_loss()`` is added to every m
 (scaled by the same weights, so once per step in total) and ``after_optimizer_step(global_step)`` runs
 after each optimizer step, before the gradients are cleared.
 
+With ``cuda_graphs`` (one CUDA process) each step is recorded as a CUDA graph per batch shape and
+replayed (``graphed.py``): the same step, issued with one call instead of thousands of launches.
+
 Resuming restores the trainable tensors, the methods' training state (``training_state()``, e.g.
 AdaLoRA's importance scores), optimizer, scheduler, grad scaler, RNG states and the data
 position (epoch, next batch), and truncates ``metrics.jsonl`` to the checkpoint's step, so a run that
@@ -46,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, graphed
 from .args import TrainingArguments
 from .loader import ResumableBatches, eval_batch_count, eval_batches, eval_shard_batches
 from .paged_adamw import PagedAdamW
@@ -136,7 +139,10 @@ class Trainer:
         self.model.to(self.device)
         self.patched = self._fuse_kernels()
         self._check_packing()
+        if args.cuda_graphs:
+            graphed.check_supported(self.device, self.dist.active, self.model)
         self._checkpointing = False
+        self.graphs = None
         self.engine = self._wrap() if self.dist.active else self.model  # what the training step calls
 
     def _wrap(self) -> torch.nn.Module:
@@ -301,6 +307,7 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
         else:
             self.optimizer.load_state_dict(distributed.indexed_optimizer_state(self.model, saved["optimizer_by_name"]))
+        graphed.plain_learning_rates(self.optimizer)  # saved by a cuda_graphs run: train() makes them tensors again
 
     def resumed_batch(self, saved: dict) -> int:
         """The checkpoint's next micro-batch of its epoch, re-expressed for this run's per-device batch
@@ -415,6 +422,10 @@ class Trainer:
             seed_everything(self.args.seed)
             if self.output_dir is not None:
                 self.log.truncate_after(0)
+        if self.args.cuda_graphs:
+            graphed.prepare_optimizer(self.optimizer, self.device)
+            drop_masks = graphed.mask_is_optional(self.model)
+            self.graphs = graphed.GraphedSteps(self._step_on_device, self.device, drop_masks)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._loop()
@@ -446,9 +457,14 @@ class Trainer:
         return batches
 
     def _optimizer_step(self, batches: list[dict]) -> tuple[float, int, float]:
-        self.state["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.state["lr"] = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         items = [count_items(b, self.args.task) for b in batches]
         total, loss_value, tokens = max(sum(items), 1), 0.0, sum(count_tokens(b) for b in batches)
+        if self.graphs is not None and all(items):  # a micro-batch without labels would put NaN in a graph
+            loss_value, grad_norm = self.graphs.run(batches, [n / total for n in items])
+            self.scheduler.step()
+            self.state["global_step"] += 1
+            return loss_value, tokens, grad_norm
         if self.dist.active:  # weights count the items of every rank's micro-batches
             total, tokens = (int(v) for v in distributed.sum_over_ranks([sum(items), tokens], self.device))
             total = max(total, 1)
@@ -468,7 +484,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, tokens, grad_norm
 
+    def _step_on_device(self, batches: list[dict], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole step with no host read (what `graphed` records): (weighted loss, grad norm) tensors."""
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, batch in enumerate(batches):
+            loss = loss + self._backward_tensor(batch, weights[i])
+        grad_norm = self._clip_and_update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
     def _backward(self, batch: dict, weight: float) -> float:
+        return float(self._backward_tensor(batch, weight))
+
+    def _backward_tensor(self, batch: dict, weight: float | torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its loss x weight, detached, as a float32 tensor."""
         with self._autocast():
             out = self.engine(**batch)
             loss = _output(out, "loss")
@@ -478,7 +507,7 @@ class Trainer:
             total = loss if extra is None else loss + extra
         # DDP / FSDP2 average gradients over ranks; x world turns the average into the global sum
         self.scaler.scale(total.float() * (weight * self.dist.world_size)).backward()
-        return float(loss.detach()) * weight
+        return loss.detach().float() * weight
 
     def _backward_without_items(self, batch: dict) -> None:
         """A zero gradient for a micro-batch with no label tokens: every rank must join the sync."""
@@ -494,12 +523,17 @@ class Trainer:
         return hook() if hook is not None else None
 
     def _clip_and_step(self) -> float:
+        grad_norm = self._clip_and_update()
+        self.scheduler.step()
+        return distributed.as_float(grad_norm)
+
+    def _clip_and_update(self) -> torch.Tensor:
+        """Clip the global grad norm, step the optimizer; the norm before clipping, as a tensor."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm or float("inf")
-        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         return grad_norm
 
     def _to_device(self, batch: dict) -> dict:
