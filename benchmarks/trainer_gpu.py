@@ -14,7 +14,7 @@ models, LoRA r=16 alpha=16 on all seven projections, precision bf16, random toke
 With --quantize nf4 the base is first quantized as `peftkit train --quantize nf4 --precision bf16`
 does (NF4, double quantization, bf16 compute): QLoRA through the trainer.
 
-Prints seconds per step over the steps after the first two (Triton compiles; graphed, the eager
+Prints the median seconds per step over the steps after the first two (Triton compiles; graphed, the eager
 first step and the recording), peak memory, the patch report, and how far each run's per-step
 losses are from another's; all runs start from the same adapter.
 """
@@ -22,6 +22,7 @@ losses are from another's; all runs start from the same adapter.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -65,14 +66,14 @@ class StepClock:
         self.inner = trainer._after_step
         trainer._after_step = self
 
-    def __call__(self, loss, grad_norm, tokens_per_s):
+    def __call__(self, loss, *rest):
         torch.cuda.synchronize()
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
         self.last = now
         self.losses.append(loss)
-        return self.inner(loss, grad_norm, tokens_per_s)
+        return self.inner(loss, *rest)
 
 
 MODES = {"off": dict(fused_kernels="off"), "auto": dict(fused_kernels="auto"),
@@ -94,7 +95,9 @@ def run(mode: str, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     times = clock.times[2:]  # the first steps hold Triton's compiles (and, graphed, the eager step and the recording)
-    out = dict(mode=mode, step_s=sum(times) / len(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    # median: with cuda_graphs a step's loss is read after the next step is issued, so two steps can
+    # finish back to back (one interval near 0, the one before it a step long)
+    out = dict(mode=mode, step_s=statistics.median(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                patched=str(trainer.patched), loss=trainer.state.get("last_train_loss"), losses=clock.losses,
                times=times)
     del trainer, model
@@ -167,16 +170,96 @@ def compare_loop(args) -> None:
                 print(f"  {d:+7.2f}  {k[:150]}")
 
 
+def replay_check(args) -> None:
+    """Where a graphed Trainer step's time goes: the replay alone back to back, its kernels' sum, the
+    replay with the input copies and the read, and the Trainer's whole step."""
+    from peftkit.train import Trainer, TrainingArguments
+
+    model = build(args.shape, args.quantize)
+    batch = SHAPES[args.shape]["batch"][0]
+    data = rows(args.shape, batch * 4)
+    trainer = Trainer(model, TrainingArguments(task="causal-lm", batch_size=batch, max_steps=4, precision="bf16",
+                                               progress_bar=False, tensorboard=False, lr_scheduler="constant",
+                                               cuda_graphs=True), data)
+    trainer.train()
+    (recorded,) = trainer.graphs.recorded.values()
+    cpu_batch = torch.utils.data.default_collate(data[:batch])
+    variants = {"replay alone": recorded.graph.replay,
+                "graphs.run + read": lambda: trainer.graphs.run([cpu_batch], [1.0]).read(),
+                "trainer step + read": lambda: trainer._optimizer_step([cpu_batch])[0].read()}
+    for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        kernels = kernel_times(fn)
+        print(f"{name:22} {(time.perf_counter() - t0) / 10 * 1e3:7.1f} ms/step wall, {sum(kernels.values()):7.1f} "
+              f"ms/step of kernels", flush=True)
+        if name == "replay alone":
+            for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+                print(f"    {v:7.2f}  {k[:140]}")
+
+
+def graph_variants(args) -> None:
+    """Which part of the Trainer's step makes its graph slower than the plain loop's: each variant
+    recorded with graph_train_step on the same patched model, replayed back to back."""
+    from peftkit.kernels import graph_train_step
+    from peftkit.train import Trainer, TrainingArguments
+
+    model = build(args.shape, args.quantize)
+    batch = SHAPES[args.shape]["batch"][0]
+    data = rows(args.shape, batch * 2)
+    trainer = Trainer(model, TrainingArguments(task="causal-lm", batch_size=batch, max_steps=1, precision="bf16",
+                                               progress_bar=False, tensorboard=False, lr_scheduler="constant"), data)
+    trainer.train()
+    cpu_batch = torch.utils.data.default_collate(data[:batch])
+    dev = {k: v.cuda() for k, v in cpu_batch.items() if k != "attention_mask"}
+    weights = torch.ones(1, device="cuda")
+
+    def plain(inputs, autocast):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).loss
+        loss.float().backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    variants = {"plain": lambda b: plain(b, False), "plain+autocast": lambda b: plain(b, True),
+                "trainer step": lambda b: trainer._step_on_device([b], weights)}
+    for name, fn in variants.items():
+        step = graph_train_step(fn, dev, optimizers=[trainer.optimizer])
+        step(dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step(dev)
+        torch.cuda.synchronize()
+        kernels = kernel_times(lambda: step(dev))
+        attention = sum(v for k, v in kernels.items() if "sdpa" in k or "attention" in k or "flash" in k)
+        print(f"{name:16} {(time.perf_counter() - t0) / 5 * 1e3:7.1f} ms/replay, kernels {sum(kernels.values()):6.1f} "
+              f"ms, attention {attention:5.2f} ms", flush=True)
+        step = None  # its graph and pool go before the next variant records
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="4-bit base (QLoRA)")
     parser.add_argument("--modes", default="off,auto,graphs", help=f"comma-separated, of {sorted(MODES)}")
+    parser.add_argument("--graph-variants", action="store_true", help="graph each part of the step on its own")
+    parser.add_argument("--replay-check", action="store_true", help="time a graphed step's parts")
     parser.add_argument("--compare-loop", action="store_true", help="profile the Trainer's step against the plain loop")
     args = parser.parse_args()
     if args.compare_loop:
         return compare_loop(args)
+    if args.replay_check:
+        return replay_check(args)
+    if args.graph_variants:
+        return graph_variants(args)
     results = {mode: run(mode, args) for mode in args.modes.split(",")}
     batch, seq = SHAPES[args.shape]["batch"]
     base = f"{args.quantize} base" if args.quantize else "fp32 base"

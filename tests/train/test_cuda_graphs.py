@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from peftkit import AdaLoraConfig, LoraConfig, get_peft_model
+from peftkit.kernels import patch_model
 from peftkit.train import Trainer, TrainingArguments, graphed
 from peftkit.train.metrics import read_metrics
 from tiny_models import tiny_llama
@@ -99,8 +100,7 @@ class _FakeCuda:
             def replay(self):
                 fake.events.append("replay")
                 rec = next(r for r in fake.steps.recorded.values() if r.graph is self)
-                for out, new in zip(rec.out, step(rec.batches, rec.weights)):
-                    out.copy_(new)
+                rec.out.copy_(torch.stack([t.float() for t in step(rec.batches, rec.weights)]))
 
             def pool(self):
                 return "pool"
@@ -136,15 +136,15 @@ def test_each_shape_runs_eagerly_first_then_is_recorded_then_replayed_with_new_i
 
     fake = _FakeCuda(monkeypatch, step)
     steps = fake.steps = graphed.GraphedSteps(step, torch.device("cpu"))
-    assert steps.run(_batch(4, 1), [1.0])[0] == 8.0 and fake.events == []        # first sight: eager
-    assert steps.run(_batch(4, 2), [0.5])[0] == 8.0                              # recorded, replayed once
+    assert steps.run(_batch(4, 1), [1.0]).read()[0] == 8.0 and fake.events == []        # first sight: eager
+    assert steps.run(_batch(4, 2), [0.5]).read()[0] == 8.0                              # recorded, replayed once
     assert fake.events == ["record(pool=None)", "replay"]
-    assert steps.run(_batch(4, 3), [1.0])[0] == 24.0                             # replayed on the new batch
-    assert steps.run(_batch(6, 1), [1.0])[0] == 12.0 and fake.events[-1] == "replay"  # a new shape: eager
+    assert steps.run(_batch(4, 3), [1.0]).read()[0] == 24.0                             # replayed on the new batch
+    assert steps.run(_batch(6, 1), [1.0]).read()[0] == 12.0 and fake.events[-1] == "replay"  # a new shape: eager
     steps.run(_batch(6, 1), [1.0])
     assert fake.events[-2:] == ["record(pool=pool)", "replay"]                   # into the shared pool
     assert len(steps.recorded) == 2
-    assert steps.run([{"input_ids": torch.ones(2, 4), "use_cache": True}], [1.0])[0] == 8.0
+    assert steps.run([{"input_ids": torch.ones(2, 4), "use_cache": True}], [1.0]).read()[0] == 8.0
     assert fake.events[-1] == "replay" and len(steps.recorded) == 2  # a non-tensor value is part of the shape
     assert steps.replays == 3
 
@@ -164,6 +164,9 @@ def test_an_all_ones_mask_is_dropped_on_the_host_for_models_that_read_none_as_al
     steps.run([{"input_ids": ids, "attention_mask": padded}], [1.0])
     assert seen == [["input_ids"], ["attention_mask", "input_ids"]]
     assert graphed.mask_is_optional(lora_llama()) and graphed.mask_is_optional(tiny_llama())
+    patched = lora_llama()
+    assert patch_model(patched).causal_lm_loss  # its forward is now a wrapper without named arguments
+    assert graphed.mask_is_optional(patched)
 
     class Strict(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
@@ -252,3 +255,43 @@ def test_graphed_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_d
     Trainer(resumed, _cuda_args(tmp_path / "cut", cuda_graphs=True, save_steps=4), data).train(resume_from=True)
     for key, value in _adapter(whole).items():
         torch.testing.assert_close(_adapter(resumed)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------- the loop: a step's numbers read after the next is issued
+def test_reads_deferred_by_one_step_log_evaluate_and_checkpoint_as_the_plain_loop_does(monkeypatch, tmp_path):
+    def run(folder, defer):
+        events = []
+        if defer:  # the graphed path's shape: a Pending result, read whenever the loop chooses
+            real = Trainer._optimizer_step
+
+            class Logged(graphed.Pending):
+                def read(self):
+                    events.append(("read", self.step))
+                    return super().read()
+
+            def deferred(self, batches):
+                loss, tokens, norm = real(self, batches)
+                events.append(("issue", self.state["global_step"]))
+                pending = Logged(torch.tensor([loss, norm], dtype=torch.float64))
+                pending.step = self.state["global_step"]
+                return pending, tokens, None
+
+            monkeypatch.setattr(Trainer, "_optimizer_step", deferred)
+        args = TrainingArguments(progress_bar=False, tensorboard=False, device="cpu", task="causal-lm",
+                                 learning_rate=5e-3, batch_size=4, max_steps=8, eval_steps=3, save_steps=3,
+                                 save_total_limit=5, lr_scheduler="linear", warmup_steps=2, output_dir=str(folder))
+        Trainer(lora_llama(), args, lm_examples(), lm_examples(8)).train()
+        monkeypatch.undo()
+        records = [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")}
+                   for r in read_metrics(folder / "metrics.jsonl")]
+        return records, sorted(p.name for p in (folder / "checkpoints").iterdir()), events
+
+    plain, plain_ckpts, _ = run(tmp_path / "plain", False)
+    deferred, deferred_ckpts, events = run(tmp_path / "deferred", True)
+    assert deferred == plain and deferred_ckpts == plain_ckpts
+    issued = [s for e, s in events if e == "issue"]
+    read_at = {s: i for i, (e, s) in enumerate(events) if e == "read"}
+    assert issued == list(range(1, 9)) and sorted(read_at) == issued
+    for step in issued:  # steps 3, 6 (evaluate + save) and 8 (the end) are read at once, the others one step late
+        later = events.index(("issue", step + 1)) if step < 8 else len(events)
+        assert (read_at[step] < later) == (step in (3, 6, 8)), (step, events)

@@ -13,9 +13,11 @@ All graphs share one memory pool: steps run one at a time, so each may reuse wha
 between their replays. Past ``MAX_SHAPES`` shapes, new shapes stay eager (pad batches to a multiple
 to keep the count small: the collators' ``pad_to_multiple_of``).
 
-Inside the step nothing waits for the host: the loss weights are a tensor input, the loss and the
-gradient norm are read after the replay, AdamW is ``capturable`` with its learning rate a tensor
-that the schedule fills between steps. Gradients live only inside the graphs (None between steps).
+Inside the step nothing waits for the host: the loss weights are a tensor input, AdamW is
+``capturable`` with its learning rate a tensor that the schedule fills between steps, and the loss
+and gradient norm come back as a ``Pending`` read: copied to pinned host memory behind the replay,
+so the Trainer can issue the next step before it waits for this one's numbers (the GPU then never
+idles while the host logs and collates). Gradients live only inside the graphs (None between steps).
 ``check_supported`` refuses what cannot be recorded, before any training.
 """
 
@@ -76,7 +78,8 @@ def mask_is_optional(model: torch.nn.Module) -> bool:
     """Whether the model (or a PEFT model's base) takes ``attention_mask=None`` to mean all ones, as
     transformers models do."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    param = inspect.signature(base.forward).parameters.get("attention_mask")
+    # the class's forward: patch_model replaces the instance's with a (*args, **kwargs) wrapper
+    param = inspect.signature(type(base).forward).parameters.get("attention_mask")
     return param is not None and param.default is None
 
 
@@ -96,6 +99,18 @@ def shape_key(batches: list[dict]) -> tuple:
     its other values (fixed into the graph)."""
     return tuple(tuple((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v))
                        for k, v in batch.items()) for batch in batches)
+
+
+class Pending:
+    """A step's (loss, grad norm), copied to the host behind the step; ``read`` waits for that copy only."""
+
+    def __init__(self, values: torch.Tensor, event=None):
+        self.values, self.event = values, event
+
+    def read(self) -> tuple[float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.values[0]), float(self.values[1])
 
 
 class _Recorded:
@@ -119,15 +134,18 @@ class GraphedSteps:
     def __init__(self, step: Callable[[list[dict], torch.Tensor], tuple], device: torch.device,
                  drop_full_masks: bool = False):
         self.step, self.device, self.drop_full_masks = step, device, drop_full_masks
+        pinned = device.type == "cuda"
+        self.host = [torch.empty(2, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]  # two steps in flight
         self.stream = torch.cuda.Stream(device)
         self.seen: set[tuple] = set()
         self.recorded: dict[tuple, _Recorded] = {}
         self.pool = None
         self.warned = False
-        self.replays = 0
+        self.replays = self.launched = 0
 
-    def run(self, batches: list[dict], weights: list[float]) -> tuple[float, float]:
-        """One optimizer step on ``batches`` (host or device tensors) with these loss weights."""
+    def run(self, batches: list[dict], weights: list[float]) -> Pending:
+        """One optimizer step on ``batches`` (host or device tensors) with these loss weights; its
+        (loss, grad norm) to read when needed. At most two steps may be unread at a time."""
         if self.drop_full_masks:
             batches = [without_full_mask(batch) for batch in batches]
         key = shape_key(batches)
@@ -136,12 +154,23 @@ class GraphedSteps:
         if recorded is None and key in self.seen and len(self.recorded) < MAX_SHAPES:
             recorded = self.recorded[key] = self._record(batches, weight_tensor)
         if recorded is not None:
-            loss, norm = recorded.replay(batches, weight_tensor)
+            values = recorded.replay(batches, weight_tensor)
             self.replays += 1
         else:
             self._note_shape(key)
-            loss, norm = self._eager(batches, weight_tensor)
-        return float(loss), float(norm)
+            values = self._eager(batches, weight_tensor)
+        if self.device.type != "cuda":
+            return Pending(values)
+        self.launched += 1
+        host = self.host[self.launched % 2]
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(host, event)
+
+    def _values(self, batches: list[dict], weights: torch.Tensor) -> torch.Tensor:
+        """The step, its (loss, grad norm) as one float32 tensor of 2: one copy to the host."""
+        return torch.stack([t.float() for t in self.step(batches, weights)])
 
     def _note_shape(self, key: tuple) -> None:
         if key in self.seen or len(self.seen) < MAX_SHAPES:
@@ -162,7 +191,7 @@ class GraphedSteps:
         batches, weights = self._on_device(batches, weights)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            out = self.step(batches, weights)
+            out = self._values(batches, weights)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return out
 
@@ -173,7 +202,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                out = self.step(static, static_weights)
+                out = self._values(static, static_weights)
         except RuntimeError as err:
             raise RuntimeError(f"cuda_graphs: the training step could not be recorded as a CUDA graph ({err}). "
                                "Something in the model's forward or the method waits for the host (e.g. "

@@ -436,17 +436,40 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train",
                    dynamic_ncols=True, disable=not (self.args.progress_bar and self.is_main))
         started = time.perf_counter() - self.state["elapsed"]
+        unread = None  # cuda_graphs: a step issued but not read back yet, finished after the next is issued
         while not self.state["finished"] and self.state["global_step"] < self.total_steps:
             t0 = time.perf_counter()
             loss, tokens, grad_norm = self._optimizer_step(self._next_step_batches())
-            record = self._after_step(loss, grad_norm, tokens / max(time.perf_counter() - t0, 1e-9))
-            self.state["elapsed"] = time.perf_counter() - started
-            self._maybe_evaluate_and_save()
-            bar.update(1)
-            if record is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+            step = (loss, tokens, grad_norm, t0, self.state["global_step"], self.state["lr"])
+            if unread is not None:
+                self._finish_step(bar, started, *unread)
+                unread = None
+            if isinstance(loss, graphed.Pending) and not self._must_finish_now():
+                unread = step
+            else:
+                self._finish_step(bar, started, *step)
+                self._maybe_evaluate_and_save()
+        if unread is not None:  # not reached: the last step is always finished at once (_must_finish_now)
+            self._finish_step(bar, started, *unread)
         bar.close()
+
+    def _must_finish_now(self) -> bool:
+        """Whether this step's numbers are needed before the next step: evaluation, a checkpoint
+        (it holds the running loss) or the end are due."""
+        a, step = self.args, self.state["global_step"]
+        return step >= self.total_steps or self._due(a.save_steps or a.eval_steps) or (
+            self.eval_dataset is not None and self._due(a.eval_steps))
+
+    def _finish_step(self, bar, started: float, loss, tokens: int, grad_norm, t0: float, step: int, lr: float) -> None:
+        """Log step ``step`` (its loss read back now if still pending) and advance the bar."""
+        if isinstance(loss, graphed.Pending):
+            loss, grad_norm = loss.read()
+        record = self._after_step(loss, grad_norm, tokens / max(time.perf_counter() - t0, 1e-9), step, lr)
+        self.state["elapsed"] = time.perf_counter() - started
+        bar.update(1)
+        if record is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
 
     def _next_step_batches(self) -> list[dict]:
         """The micro-batches of the next optimizer step, and advance the data position past them."""
@@ -457,14 +480,14 @@ class Trainer:
         return batches
 
     def _optimizer_step(self, batches: list[dict]) -> tuple[float, int, float]:
-        self.state["lr"] = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        self.state["lr"] = self._learning_rate()  # the rate this step uses
         items = [count_items(b, self.args.task) for b in batches]
         total, loss_value, tokens = max(sum(items), 1), 0.0, sum(count_tokens(b) for b in batches)
         if self.graphs is not None and all(items):  # a micro-batch without labels would put NaN in a graph
-            loss_value, grad_norm = self.graphs.run(batches, [n / total for n in items])
+            pending = self.graphs.run(batches, [n / total for n in items])  # (loss, grad norm): read later
             self.scheduler.step()
             self.state["global_step"] += 1
-            return loss_value, tokens, grad_norm
+            return pending, tokens, None
         if self.dist.active:  # weights count the items of every rank's micro-batches
             total, tokens = (int(v) for v in distributed.sum_over_ranks([sum(items), tokens], self.device))
             total = max(total, 1)
@@ -483,6 +506,14 @@ class Trainer:
             hook(self.state["global_step"])
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, tokens, grad_norm
+
+    def _learning_rate(self) -> float:
+        """The rate of the next step, read on the host: a cuda_graphs rate is a GPU tensor, whose read
+        would wait for the step in flight, so it is recomputed from the schedule as LambdaLR sets it."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not isinstance(lr, torch.Tensor):
+            return float(lr)
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     def _step_on_device(self, batches: list[dict], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole step with no host read (what `graphed` records): (weighted loss, grad norm) tensors."""
@@ -539,14 +570,13 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _after_step(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict | None:
+    def _after_step(self, loss: float, grad_norm: float, tokens_per_s: float, step: int, lr: float) -> dict | None:
         window = self.state["window"]
         window[0], window[1] = window[0] + loss, window[1] + 1
-        step = self.state["global_step"]
         if step % self.args.logging_steps and step != self.total_steps:
             return None
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": window[0] / window[1],
-                  "lr": self.state["lr"], "grad_norm": grad_norm,
+                  "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "elapsed_s": round(self.state["elapsed"], 3)}
         self.state["window"] = [0.0, 0]
         self.state["last_train_loss"] = record["loss"]
