@@ -117,6 +117,18 @@ def kernel_times(fn, steps: int = 2) -> dict[str, float]:
     return {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages() if e.self_device_time_total > 0}
 
 
+def wall_ms(fn, calls: int, warmup: int = 1) -> float:
+    """Wall milliseconds per call of fn, after `warmup` calls, the GPU drained at both ends."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
 def compare_loop(args) -> None:
     """Where the Trainer's step differs from the plain loop of train_throughput.py on the same model:
     GPU time per kernel of each variant, and the kernels whose time differs most."""
@@ -148,15 +160,9 @@ def compare_loop(args) -> None:
                 "plain+mask": lambda: plain(mask=True)}
     kernels = {}
     for name, fn in variants.items():
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
+        wall = wall_ms(fn, 5, warmup=2)
         kernels[name] = kernel_times(fn)
-        print(f"{name:16} {(time.perf_counter() - t0) / 5 * 1e3:7.1f} ms/step wall, "
+        print(f"{name:16} {wall:7.1f} ms/step wall, "
               f"{sum(kernels[name].values()):7.1f} ms/step of kernels", flush=True)
     base = kernels["plain"]
     for name in variants:
@@ -188,14 +194,9 @@ def replay_check(args) -> None:
                 "graphs.run + read": lambda: trainer.graphs.run([cpu_batch], [1.0]).read(),
                 "trainer step + read": lambda: trainer._optimizer_step([cpu_batch])[0].read()}
     for name, fn in variants.items():
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
+        wall = wall_ms(fn, 10)
         kernels = kernel_times(fn)
-        print(f"{name:22} {(time.perf_counter() - t0) / 10 * 1e3:7.1f} ms/step wall, {sum(kernels.values()):7.1f} "
+        print(f"{name:22} {wall:7.1f} ms/step wall, {sum(kernels.values()):7.1f} "
               f"ms/step of kernels", flush=True)
         if name == "replay alone":
             for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
@@ -230,15 +231,10 @@ def graph_variants(args) -> None:
                 "trainer step": lambda b: trainer._step_on_device([b], weights)}
     for name, fn in variants.items():
         step = graph_train_step(fn, dev, optimizers=[trainer.optimizer])
-        step(dev)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            step(dev)
-        torch.cuda.synchronize()
+        wall = wall_ms(lambda: step(dev), 5)
         kernels = kernel_times(lambda: step(dev))
         attention = sum(v for k, v in kernels.items() if "sdpa" in k or "attention" in k or "flash" in k)
-        print(f"{name:16} {(time.perf_counter() - t0) / 5 * 1e3:7.1f} ms/replay, kernels {sum(kernels.values()):6.1f} "
+        print(f"{name:16} {wall:7.1f} ms/replay, kernels {sum(kernels.values()):6.1f} "
               f"ms, attention {attention:5.2f} ms", flush=True)
         step = None  # its graph and pool go before the next variant records
         torch.cuda.empty_cache()
