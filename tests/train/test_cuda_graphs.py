@@ -149,20 +149,12 @@ def test_each_shape_runs_eagerly_first_then_is_recorded_then_replayed_with_new_i
     assert steps.replays == 3
 
 
-def test_an_all_ones_mask_is_dropped_on_the_host_for_models_that_read_none_as_all_ones(monkeypatch):
-    seen = []
-
-    def step(batches, weights):
-        seen.append(sorted(batches[0]))
-        return torch.zeros(()), torch.zeros(())
-
-    _FakeCuda(monkeypatch, step)
-    steps = graphed.GraphedSteps(step, torch.device("cpu"), drop_full_masks=True)
+def test_an_all_ones_mask_is_dropped_on_the_host_for_models_that_read_none_as_all_ones():
     ids = torch.ones(2, 4, dtype=torch.long)
-    steps.run([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], [1.0])
-    padded = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    steps.run([{"input_ids": ids, "attention_mask": padded}], [1.0])
-    assert seen == [["input_ids"], ["attention_mask", "input_ids"]]
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert sorted(graphed.without_full_mask(full)) == ["input_ids"]
+    assert graphed.without_full_mask(padded) is padded
     assert graphed.mask_is_optional(lora_llama()) and graphed.mask_is_optional(tiny_llama())
     patched = lora_llama()
     assert patch_model(patched).causal_lm_loss  # its forward is now a wrapper without named arguments

@@ -86,8 +86,8 @@ def mask_is_optional(model: torch.nn.Module) -> bool:
 def without_full_mask(batch: dict) -> dict:
     """The batch without its ``attention_mask`` where that is all ones on the host. Why: transformers
     skips an all-ones mask (flash attention) only after reading it on the GPU, which a recording
-    cannot do, so a recorded step would build and apply the full mask (measured: ~13 ms more per
-    1B step); checked here on the host copy, for free."""
+    cannot do, so a recorded step would build and apply the full mask (measured: attention 2.5x
+    slower, ~12 ms per 1B step); checked here on the host copy, for free."""
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
         return {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -113,6 +113,27 @@ class Pending:
         return float(self.values[0]), float(self.values[1])
 
 
+class HostReads:
+    """Copies a step's (loss, grad norm) tensor to pinned host memory behind the step, for a later
+    ``Pending.read`` that waits for that copy only; two buffers, so two steps may be unread at once.
+    On a CPU device the tensor itself is the result."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.count = device, 0
+        pinned = device.type == "cuda"
+        self.host = [torch.empty(2, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+
+    def later(self, values: torch.Tensor) -> Pending:
+        if self.device.type != "cuda":
+            return Pending(values)
+        self.count += 1
+        host = self.host[self.count % 2]
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(host, event)
+
+
 class _Recorded:
     def __init__(self, graph: torch.cuda.CUDAGraph, batches: list[dict], weights: torch.Tensor, out: tuple):
         self.graph, self.batches, self.weights, self.out = graph, batches, weights, out
@@ -131,23 +152,19 @@ class GraphedSteps:
     """Runs ``step(batches, weights) -> (loss, grad_norm)`` (scalar GPU tensors) eagerly, recorded
     or replayed, as the module docstring says; ``run`` returns the two as floats."""
 
-    def __init__(self, step: Callable[[list[dict], torch.Tensor], tuple], device: torch.device,
-                 drop_full_masks: bool = False):
-        self.step, self.device, self.drop_full_masks = step, device, drop_full_masks
-        pinned = device.type == "cuda"
-        self.host = [torch.empty(2, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]  # two steps in flight
+    def __init__(self, step: Callable[[list[dict], torch.Tensor], tuple], device: torch.device):
+        self.step, self.device = step, device
+        self.reads = HostReads(device)
         self.stream = torch.cuda.Stream(device)
         self.seen: set[tuple] = set()
         self.recorded: dict[tuple, _Recorded] = {}
         self.pool = None
         self.warned = False
-        self.replays = self.launched = 0
+        self.replays = 0
 
     def run(self, batches: list[dict], weights: list[float]) -> Pending:
         """One optimizer step on ``batches`` (host or device tensors) with these loss weights; its
         (loss, grad norm) to read when needed. At most two steps may be unread at a time."""
-        if self.drop_full_masks:
-            batches = [without_full_mask(batch) for batch in batches]
         key = shape_key(batches)
         weight_tensor = torch.tensor(weights, dtype=torch.float32)
         recorded = self.recorded.get(key)
@@ -159,14 +176,7 @@ class GraphedSteps:
         else:
             self._note_shape(key)
             values = self._eager(batches, weight_tensor)
-        if self.device.type != "cuda":
-            return Pending(values)
-        self.launched += 1
-        host = self.host[self.launched % 2]
-        host.copy_(values, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return Pending(host, event)
+        return self.reads.later(values)
 
     def _values(self, batches: list[dict], weights: torch.Tensor) -> torch.Tensor:
         """The step, its (loss, grad norm) as one float32 tensor of 2: one copy to the host."""

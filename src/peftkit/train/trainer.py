@@ -143,6 +143,7 @@ class Trainer:
             graphed.check_supported(self.device, self.dist.active, self.model)
         self._checkpointing = False
         self.graphs = None
+        self.drop_full_masks = args.cuda_graphs and graphed.mask_is_optional(self.model)
         self.engine = self._wrap() if self.dist.active else self.model  # what the training step calls
 
     def _wrap(self) -> torch.nn.Module:
@@ -424,8 +425,7 @@ class Trainer:
                 self.log.truncate_after(0)
         if self.args.cuda_graphs:
             graphed.prepare_optimizer(self.optimizer, self.device)
-            drop_masks = graphed.mask_is_optional(self.model)
-            self.graphs = graphed.GraphedSteps(self._step_on_device, self.device, drop_masks)
+            self.graphs = graphed.GraphedSteps(self._step_on_device, self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._loop()
@@ -479,33 +479,39 @@ class Trainer:
         self.state["epoch"], self.state["batch"] = (epoch, stop) if stop < len(self.batches) else (epoch + 1, 0)
         return batches
 
-    def _optimizer_step(self, batches: list[dict]) -> tuple[float, int, float]:
+    def _optimizer_step(self, batches: list[dict]) -> tuple:
+        """One optimizer step: (loss, tokens, grad norm); with cuda_graphs (a Pending of loss and grad
+        norm, tokens, None), read when the loop needs the numbers."""
         self.state["lr"] = self._learning_rate()  # the rate this step uses
         items = [count_items(b, self.args.task) for b in batches]
-        total, loss_value, tokens = max(sum(items), 1), 0.0, sum(count_tokens(b) for b in batches)
+        total, tokens = max(sum(items), 1), sum(count_tokens(b) for b in batches)
+        if self.drop_full_masks:
+            batches = [graphed.without_full_mask(b) for b in batches]
         if self.graphs is not None and all(items):  # a micro-batch without labels would put NaN in a graph
-            pending = self.graphs.run(batches, [n / total for n in items])  # (loss, grad norm): read later
+            pending = self.graphs.run(batches, [n / total for n in items])
             self.scheduler.step()
             self.state["global_step"] += 1
             return pending, tokens, None
         if self.dist.active:  # weights count the items of every rank's micro-batches
             total, tokens = (int(v) for v in distributed.sum_over_ranks([sum(items), tokens], self.device))
             total = max(total, 1)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, (batch, n) in enumerate(zip(batches, items)):
             with distributed.grad_sync(self.engine, self.dist, i == len(batches) - 1):
                 if n > 0:
-                    loss_value += self._backward(self._to_device(batch), n / total)
+                    loss = loss + self._backward_tensor(self._to_device(batch), n / total)
                 elif self.dist.active:
                     self._backward_without_items(self._to_device(batch))
         if self.dist.active:
-            loss_value = distributed.sum_over_ranks([loss_value], self.device)[0]
-        grad_norm = self._clip_and_step()
+            loss = torch.tensor(distributed.sum_over_ranks([float(loss)], self.device)[0])
+        grad_norm = self._clip_and_update()
+        self.scheduler.step()
         self.state["global_step"] += 1
         hook = getattr(self.model, "after_optimizer_step", None)
         if hook is not None:  # before zero_grad: AdaLoRA's allocator reads the step's gradients
             hook(self.state["global_step"])
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, tokens, grad_norm
+        return float(loss), tokens, distributed.as_float(grad_norm)
 
     def _learning_rate(self) -> float:
         """The rate of the next step, read on the host: a cuda_graphs rate is a GPU tensor, whose read
@@ -523,9 +529,6 @@ class Trainer:
         grad_norm = self._clip_and_update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
-
-    def _backward(self, batch: dict, weight: float) -> float:
-        return float(self._backward_tensor(batch, weight))
 
     def _backward_tensor(self, batch: dict, weight: float | torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; its loss x weight, detached, as a float32 tensor."""
@@ -552,11 +555,6 @@ class Trainer:
     def _adapter_loss(self):
         hook = getattr(self.model, "adapter_loss", None)
         return hook() if hook is not None else None
-
-    def _clip_and_step(self) -> float:
-        grad_norm = self._clip_and_update()
-        self.scheduler.step()
-        return distributed.as_float(grad_norm)
 
     def _clip_and_update(self) -> torch.Tensor:
         """Clip the global grad norm, step the optimizer; the norm before clipping, as a tensor."""
