@@ -8,7 +8,8 @@ models, LoRA r=16 alpha=16 on all seven projections, precision bf16, random toke
 
   off     TrainingArguments(fused_kernels="off"): the fp32 base under bf16 autocast
   auto    the default on a GPU: the frozen base cast to bf16 and patch_model (fused LoRA nodes,
-          RMSNorm, SwiGLU, RoPE, linear + cross-entropy)
+          RMSNorm, SwiGLU, RoPE, linear + cross-entropy); no autocast, which would change nothing
+  auto_autocast  auto with autocast left on (the Trainer before run 14), for A/B runs
   graphs  auto with cuda_graphs=True: each step replayed from a CUDA graph
 
 With --quantize nf4 the base is first quantized as `peftkit train --quantize nf4 --precision bf16`
@@ -77,7 +78,7 @@ class StepClock:
 
 
 MODES = {"off": dict(fused_kernels="off"), "auto": dict(fused_kernels="auto"),
-         "graphs": dict(fused_kernels="auto", cuda_graphs=True)}
+         "auto_autocast": dict(fused_kernels="auto"), "graphs": dict(fused_kernels="auto", cuda_graphs=True)}
 
 
 def run(mode: str, args) -> dict:
@@ -91,6 +92,8 @@ def run(mode: str, args) -> dict:
                               precision="bf16", progress_bar=False, tensorboard=False,
                               lr_scheduler="constant", max_grad_norm=1.0, logging_steps=1, **MODES[mode])
     trainer = Trainer(model, targs, data)
+    if mode == "auto_autocast":  # the eager step as before run 14, for A/B runs: autocast on though redundant
+        trainer.autocast_redundant = False
     clock = StepClock(trainer)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -268,7 +271,7 @@ def main():
         print(f"{r['mode']:7} {r['step_s'] * 1e3:8.1f} ms/step  {batch * seq / r['step_s']:8.0f} tok/s  "
               f"peak {r['peak_gib']:6.2f} GiB  last loss {r['loss']}  ({r['patched']})")
         print("        step times (ms): " + " ".join(f"{t * 1e3:.1f}" for t in r["times"]))
-    for a, b in (("off", "auto"), ("auto", "graphs"), ("off", "graphs")):
+    for a, b in (("off", "auto"), ("auto_autocast", "auto"), ("auto", "graphs"), ("off", "graphs")):
         if a in results and b in results:
             x, y = results[a], results[b]
             diff = max(abs(p - q) / abs(p) for p, q in zip(x["losses"], y["losses"]))

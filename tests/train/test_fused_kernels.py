@@ -75,3 +75,26 @@ def test_a_model_the_kernels_do_not_know_is_left_in_its_own_dtype():
     args = TrainingArguments(progress_bar=False, tensorboard=False, device="cpu", fused_kernels="on", precision="bf16")
     assert Trainer(model, args).patched is None
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_autocast_is_skipped_only_where_it_would_change_nothing_and_training_is_then_identical():
+    from peftkit import DoraConfig
+
+    t = trainer(lora_llama(), fused_kernels="on", precision="bf16")
+    assert t.autocast_redundant  # a bf16 base and LoRA factors that the LoRA layers cast themselves
+    assert not trainer(lora_llama(), precision="bf16").autocast_redundant  # CPU, auto: not patched, fp32 base
+    dora = get_peft_model(tiny_llama(seed=0), DoraConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    assert not trainer(dora, fused_kernels="on", precision="bf16").autocast_redundant  # its magnitudes: autocast
+    saved = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM",
+                                                          modules_to_save=["lm_head"]))
+    assert not trainer(saved, fused_kernels="on", precision="bf16").autocast_redundant  # a trained fp32 copy
+
+    runs = []
+    for skip in (True, False):
+        model = lora_llama()
+        t = trainer(model, fused_kernels="on", precision="bf16", max_steps=6)
+        t.autocast_redundant = skip
+        t.train()
+        runs.append({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+    for key, value in runs[1].items():
+        torch.testing.assert_close(runs[0][key], value, rtol=0, atol=0, msg=key)

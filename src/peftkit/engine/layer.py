@@ -40,6 +40,9 @@ class AdapterLayer(nn.Module):
     """Base for adapter wrappers: state bookkeeping only; the math lives in each method's layer."""
 
     can_merge = True
+    # True: forward computes in its input's dtype whatever the dtype of its trainable tensors (it
+    # casts them itself), so a bf16 model needs no autocast around it (Trainer, fused kernels)
+    keeps_input_dtype = False
     top_level_keys = False  # True: adapter_tensors keys are file keys as they are, not under the module
     file_tensors: tuple[str, ...] = ()  # first part of every adapter_tensors key (``lora_A`` of ``lora_A.weight``)
 

@@ -138,6 +138,7 @@ class Trainer:
         self.log = MetricsLog(self.output_dir if self.is_main else None, args.tensorboard and self.is_main)
         self.model.to(self.device)
         self.patched = self._fuse_kernels()
+        self.autocast_redundant = self._autocast_is_redundant()
         self._check_packing()
         if args.cuda_graphs:
             graphed.check_supported(self.device, self.dist.active, self.model)
@@ -191,9 +192,23 @@ class Trainer:
             with self._autocast():
                 check_packing_support(self.model, self.train_dataset)
 
+    def _autocast_is_redundant(self) -> bool:
+        """True when autocast would change no result: fused kernels put the frozen base in the
+        precision's dtype, and every trainable tensor sits in a layer that casts it to its input's
+        dtype itself (LoRA on linears: ``keeps_input_dtype``). Autocast then only costs host time on
+        every op of an eager step (measured: ``benchmarks/NOTES.md``, run 14)."""
+        if self.patched is None:
+            return False
+        dtype = DTYPES[self.args.precision]
+        owned = {id(p) for m in self.model.modules() if getattr(m, "keeps_input_dtype", False)
+                 for name, p in m.named_parameters() if not name.startswith("base_layer.")}
+        return all(id(p) in owned if p.requires_grad else not p.is_floating_point() or p.dtype == dtype
+                   for p in self.model.parameters())
+
     def _autocast(self):
         dtype = DTYPES[self.args.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        enabled = dtype != torch.float32 and not self.autocast_redundant
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -69,6 +69,7 @@ class DoraLinear(LoraLinear):
     """DoRA around ``nn.Linear`` or GPT-2's ``Conv1D``: LoRA's factors plus a magnitude per row."""
 
     file_tensors = ("lora_A", "lora_B", "lora_magnitude_vector")
+    keeps_input_dtype = False  # not checked for its magnitudes' path: the Trainer keeps autocast on
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not base_layer.weight.is_floating_point():

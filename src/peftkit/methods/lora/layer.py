@@ -143,6 +143,7 @@ class LoraLinear(LoraLayer):
         self.mixed_stack: Stack | None = None  # a mixed batch's stacked adapters, reused within one call
 
     layout = staticmethod(linear_layout)  # (fan_in_fan_out, in, out) of the base; 4-bit bases override
+    keeps_input_dtype = True  # the fused node and `delta` cast A and B to the activations' dtype
 
     def add_adapter(self, name: str, config: LoraConfig, key: str) -> None:
         sync_fan_in_fan_out(config, self, key)

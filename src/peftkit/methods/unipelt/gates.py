@@ -59,6 +59,7 @@ class GatedLoraLinear(LoraLinear):
 
     can_merge = False
     file_tensors = ("lora_A", "lora_B", "lora_gate")
+    keeps_input_dtype = False  # not checked for its gate's path: the Trainer keeps autocast on
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
