@@ -27,7 +27,7 @@ from .conftest import TinyClassifier
 
 SCRIPT = Path(__file__).parent / "distributed_script.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # an abort prints every thread's stack
 
 
 def torchrun(case: str, mode: str, out: Path, *extra: str, timeout: float = 90) -> None:
