@@ -117,6 +117,8 @@ def prequantized(path: Path) -> bool:
 
 # --------------------------------------------------------------------------------------------- data
 GRAPH_PAD_MULTIPLE = 64  # few batch shapes, so few recorded graphs; at most 63 more tokens per row
+
+
 @dataclass
 class Data:
     train: Any

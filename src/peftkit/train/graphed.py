@@ -53,18 +53,15 @@ def check_supported(device: torch.device, distributed_active: bool, model: torch
 
 
 def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """AdamW as a recorded step needs it: capturable (step counters on the GPU), the learning rate a
-    GPU tensor filled in place by the schedule (a float would be frozen into the graph)."""
+    """AdamW as a recorded step needs it: capturable (step counters on the GPU; the Trainer's fused
+    AdamW keeps them there already, also when resumed), the learning rate a GPU tensor filled in place
+    by the schedule (a float would be frozen into the graph)."""
+    from peftkit.kernels.graphs import make_capturable  # here: the Trainer imports this module at start-up
+
+    make_capturable(optimizer)
     for group in optimizer.param_groups:
-        if "capturable" in group:
-            group["capturable"] = True
         if not isinstance(group["lr"], torch.Tensor) or group["lr"].device != device:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            step = state.get("step")
-            if isinstance(step, torch.Tensor) and step.device != param.device:  # resumed from an eager run
-                state["step"] = step.to(param.device, torch.float32)
 
 
 def plain_learning_rates(optimizer: torch.optim.Optimizer) -> None:
@@ -135,10 +132,10 @@ class HostReads:
 
 
 class _Recorded:
-    def __init__(self, graph: torch.cuda.CUDAGraph, batches: list[dict], weights: torch.Tensor, out: tuple):
+    def __init__(self, graph: torch.cuda.CUDAGraph, batches: list[dict], weights: torch.Tensor, out: torch.Tensor):
         self.graph, self.batches, self.weights, self.out = graph, batches, weights, out
 
-    def replay(self, batches: list[dict], weights: torch.Tensor) -> tuple:
+    def replay(self, batches: list[dict], weights: torch.Tensor) -> torch.Tensor:
         for static, batch in zip(self.batches, batches):
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor):
@@ -150,7 +147,7 @@ class _Recorded:
 
 class GraphedSteps:
     """Runs ``step(batches, weights) -> (loss, grad_norm)`` (scalar GPU tensors) eagerly, recorded
-    or replayed, as the module docstring says; ``run`` returns the two as floats."""
+    or replayed, as the module docstring says; ``run`` returns the two as a ``Pending`` read."""
 
     def __init__(self, step: Callable[[list[dict], torch.Tensor], tuple], device: torch.device):
         self.step, self.device = step, device
@@ -195,7 +192,7 @@ class GraphedSteps:
                   for k, v in batch.items()} for batch in batches]
         return moved, weights.to(self.device).clone()
 
-    def _eager(self, batches: list[dict], weights: torch.Tensor) -> tuple:
+    def _eager(self, batches: list[dict], weights: torch.Tensor) -> torch.Tensor:
         """A real step on the recording stream: what a later recording will find (kernels compiled,
         optimizer state made, per-stream cuBLAS workspaces) is made on the stream it records on."""
         batches, weights = self._on_device(batches, weights)

@@ -464,9 +464,7 @@ class Trainer:
             else:
                 self._finish_step(bar, started, *step)
                 self._maybe_evaluate_and_save()
-        if unread is not None:  # not reached: the last step is always finished at once (_must_finish_now)
-            self._finish_step(bar, started, *unread)
-        bar.close()
+        bar.close()  # no step is left unread: the last one is always finished at once (_must_finish_now)
 
     def _must_finish_now(self) -> bool:
         """Whether this step's numbers are needed before the next step: evaluation, a checkpoint
@@ -517,8 +515,9 @@ class Trainer:
                     loss = loss + self._backward_tensor(self._to_device(batch), n / total)
                 elif self.dist.active:
                     self._backward_without_items(self._to_device(batch))
+        loss_value = float(loss)
         if self.dist.active:
-            loss = torch.tensor(distributed.sum_over_ranks([float(loss)], self.device)[0])
+            loss_value = distributed.sum_over_ranks([loss_value], self.device)[0]
         grad_norm = self._clip_and_update()
         self.scheduler.step()
         self.state["global_step"] += 1
@@ -526,7 +525,7 @@ class Trainer:
         if hook is not None:  # before zero_grad: AdaLoRA's allocator reads the step's gradients
             hook(self.state["global_step"])
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss), tokens, distributed.as_float(grad_norm)
+        return loss_value, tokens, distributed.as_float(grad_norm)
 
     def _learning_rate(self) -> float:
         """The rate of the next step, read on the host: a cuda_graphs rate is a GPU tensor, whose read
