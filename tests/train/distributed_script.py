@@ -22,7 +22,7 @@ import dist_cases  # noqa: E402
 
 from peftkit.train import Trainer  # noqa: E402
 from peftkit.train.checkpoint import trainable_state  # noqa: E402
-from peftkit.train.distributed import distributed_session, world_size  # noqa: E402
+from peftkit.train.distributed import distributed_session, exit_without_finalizing, world_size  # noqa: E402
 
 torch.set_num_threads(1)
 case, mode, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -40,7 +40,7 @@ def slowed(model):
     return model
 
 
-with distributed_session("cpu"):
+with distributed_session("cpu") as rank_device:
     model = slowed(dist_cases.model(case)) if delay else dist_cases.model(case)
     train, held_out = dist_cases.data(case)
     args = dist_cases.args(case, str(out), world_size(), distributed=mode, **extra)
@@ -57,3 +57,5 @@ with distributed_session("cpu"):
             fsdp_units = sum(isinstance(m, FSDPModule) for m in model.modules())
             (out / "result.json").write_text(json.dumps({"metrics": metrics, "fsdp_units": fsdp_units,
                                                          "patched": str(trainer.patched or "")}))
+if rank_device is not None:  # as `peftkit train` leaves a torchrun rank
+    exit_without_finalizing(0)

@@ -281,3 +281,17 @@ def test_single_process_steps_are_unchanged_by_the_world_size_argument():
     args = TrainingArguments(batch_size=4, gradient_accumulation_steps=2, epochs=2)
     assert args.steps_per_epoch(40) == 5 and args.planned_steps(40) == 10
     assert args.steps_per_epoch(40, world_size=2) == 3 and args.global_batch_size(2) == 16
+
+
+def test_exit_without_finalizing_flushes_output_and_skips_interpreter_teardown():
+    code = ("import atexit, logging, sys\n"
+            "from peftkit.train.distributed import exit_without_finalizing\n"
+            "atexit.register(lambda: print('finalized'))\n"
+            "print('result', end='')\n"
+            "logging.getLogger('peftkit').warning('logged')\n"
+            "exit_without_finalizing(3)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
+    assert done.returncode == 3
+    assert done.stdout == "result"  # flushed without a newline; no atexit handler, nothing after the exit
+    assert "logged" in done.stderr

@@ -367,6 +367,8 @@ def run(argv: list[str]) -> int:
         return 0
     if resume_dir is not None:
         check_has_checkpoint(resume_dir)
-    with distributed.distributed_session(cfg.training.device):
+    with distributed.distributed_session(cfg.training.device) as rank_device:
         run_job(cfg, resume_dir)
+    if rank_device is not None:  # a torchrun rank: leave before finalization can abort it
+        distributed.exit_without_finalizing(0)
     return 0
